@@ -1,0 +1,15 @@
+"""bnkernels: fused Batch Normalization kernels for PyTorch, in Triton.
+
+    bnkernels.BatchNorm1d / BatchNorm2d / BatchNorm3d   drop-in nn.BatchNorm* subclasses
+    bnkernels.batch_norm                                 like torch.nn.functional.batch_norm
+    bnkernels.convert_batchnorm(model)                   swap a model's BatchNorm modules
+
+Backend: BNKERNELS_BACKEND = auto | triton | torch (see bnkernels/backend.py).
+"""
+from .convert import convert_batchnorm
+from .functional import batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_batchnorm"]

@@ -1,0 +1,79 @@
+"""The two torch.library operators every bnkernels call goes through, and their autograd.
+
+  bnkernels::batch_norm_fwd(x, weight?, bias?, running_mean?, running_var?, training, eps)
+      -> (y, mean, rstd, var)   batch statistics when training (empty otherwise)
+  bnkernels::batch_norm_bwd(grad_y, x, weight?, mean, stat, training, eps, need_dx, need_sums)
+      -> (dx, sum g, sum g*xhat)
+
+They are `custom_op`s with fake implementations, so torch.compile(fullgraph=True) sees one
+opaque node per pass. Why custom_op and not triton_op: the backend is chosen per call below
+the op (Triton, plain torch, later CUDA C++), which triton_op's tracing into the kernels
+cannot express. Why the running statistics are not updated inside the op: register_autograd
+accepts only functional ops, so the op returns the batch mean and variance and
+functional.py updates the buffers (a C-element device op, no host sync).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backend
+from .layout import acc_dtype, alloc_output
+
+
+@torch.library.custom_op("bnkernels::batch_norm_fwd", mutates_args=())
+def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backend.select(x).forward(x, weight, bias, running_mean, running_var, training, eps)
+
+
+@batch_norm_fwd.register_fake
+def _(x, weight, bias, running_mean, running_var, training, eps):
+    n = x.shape[1] if training else 0
+    acc = acc_dtype(x.dtype)
+    return (alloc_output(x), *(x.new_empty(n, dtype=acc) for _ in range(3)))
+
+
+@torch.library.custom_op("bnkernels::batch_norm_bwd", mutates_args=())
+def batch_norm_bwd(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+                   stat: Tensor, training: bool, eps: float, need_dx: bool,
+                   need_sums: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return backend.select(x).backward(grad_y, x, weight, mean, stat, training, eps,
+                                      need_dx, need_sums)
+
+
+@batch_norm_bwd.register_fake
+def _(grad_y, x, weight, mean, stat, training, eps, need_dx, need_sums):
+    acc = acc_dtype(x.dtype)
+    dx = alloc_output(x) if need_dx else x.new_empty(0, dtype=acc)
+    n = x.shape[1] if need_sums else 0
+    return dx, x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, training, eps = inputs
+    _, mean, rstd, _ = output
+    # Training saves the float32 (float64) batch mean/rstd; eval the running statistics,
+    # from which backward recomputes rstd. xhat is never saved: backward recomputes it.
+    stats = (mean, rstd) if training else (running_mean, running_var)
+    ctx.save_for_backward(x, weight, *stats)
+    ctx.training, ctx.eps = training, eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd, _grad_var):
+    x, weight, mean, stat = ctx.saved_tensors
+    need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    dx, sum_g, sum_gx = torch.ops.bnkernels.batch_norm_bwd(
+        grad_y, x, weight, mean, stat, ctx.training, ctx.eps, need_dx,
+        need_dweight or need_dbias)
+    return (dx if need_dx else None,
+            sum_gx.to(weight.dtype) if need_dweight else None,
+            sum_g.to(ctx.bias_dtype) if need_dbias else None,
+            None, None, None, None)
+
+
+batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)

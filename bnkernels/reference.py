@@ -1,0 +1,81 @@
+"""Plain-PyTorch BatchNorm with the same contract as triton_batch_norm (the `torch` backend).
+
+It is the path for tensors the Triton kernels can't take (CPU without the interpreter,
+other devices), and, run on float64 inputs, the reference the tests hold the kernels to.
+It states the math of ../shared/BN_MATH.md directly, in the accumulation dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .layout import acc_dtype, alloc_output
+
+
+def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (C,) vector shaped to broadcast against x (N, C, ...)."""
+    return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _reduce_dims(x: torch.Tensor):
+    return [0] + list(range(2, x.dim()))
+
+
+def _mean_rstd(x, mean, stat, training, eps):
+    """(mean, rstd) in the accumulation dtype, from saved batch or running statistics."""
+    acc = acc_dtype(x.dtype)
+    if training:
+        return mean.to(acc), stat.to(acc)
+    return mean.to(acc), torch.rsqrt(stat.to(acc) + eps)
+
+
+def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+            running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+            training: bool, eps: float) -> Tuple[torch.Tensor, ...]:
+    """(y, mean, rstd, biased var); the statistics are empty in eval mode."""
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
+    xa = x.to(acc)
+    if training:
+        if x.numel() == 0:
+            var = mean = torch.zeros(c, dtype=acc, device=x.device)
+        else:
+            var, mean = torch.var_mean(xa, dim=_reduce_dims(x), correction=0)
+        rstd = torch.rsqrt(var + eps)
+        stats = (mean, rstd, var.clone())
+    else:
+        mean, rstd = _mean_rstd(x, running_mean, running_var, False, eps)
+        stats = tuple(torch.empty(0, dtype=acc, device=x.device) for _ in range(3))
+    scale = rstd if weight is None else rstd * weight.to(acc)
+    ya = (xa - _per_channel(mean, x)) * _per_channel(scale, x)
+    if bias is not None:
+        ya = ya + _per_channel(bias.to(acc), x)
+    y = alloc_output(x)
+    y.copy_(ya)
+    return (y, *stats)
+
+
+def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+             mean: torch.Tensor, stat: torch.Tensor, training: bool, eps: float,
+             need_dx: bool, need_sums: bool) -> Tuple[torch.Tensor, ...]:
+    """(dx, sum g, sum g*xhat), as triton_batch_norm.backward."""
+    acc = acc_dtype(x.dtype)
+    mean, rstd = _mean_rstd(x, mean, stat, training, eps)
+    g = grad_out.to(acc)
+    xhat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(rstd, x)
+    dims = _reduce_dims(x)
+    sum_g = g.sum(dim=dims)
+    sum_gx = (g * xhat).sum(dim=dims)
+    empty = torch.empty(0, dtype=acc, device=x.device)
+    dx = empty
+    if need_dx:
+        scale = rstd if weight is None else rstd * weight.to(acc)
+        if training:
+            m = max(x.numel() // max(x.shape[1], 1), 1)
+            g = g - _per_channel(sum_g / m, x) - xhat * _per_channel(sum_gx / m, x)
+        dx = alloc_output(x)
+        dx.copy_(g * _per_channel(scale, x))
+    if not need_sums:
+        return dx, empty, empty.clone()
+    return dx, sum_g, sum_gx

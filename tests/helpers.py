@@ -1,0 +1,131 @@
+"""Inputs, layouts, tolerances and the "kernels really ran" guard shared by the tests."""
+import contextlib
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import bnkernels
+from bnkernels import reference
+from bnkernels.triton_batch_norm import launch_counts
+
+# (atol, rtol) against the float64 reference, per input dtype. The outputs are O(1)
+# normalized values; gradients are compared on their own scale (assert_close_scaled).
+TOL = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+BN_CLASSES = {2: (torch.nn.BatchNorm1d, bnkernels.BatchNorm1d),
+              3: (torch.nn.BatchNorm1d, bnkernels.BatchNorm1d),
+              4: (torch.nn.BatchNorm2d, bnkernels.BatchNorm2d),
+              5: (torch.nn.BatchNorm3d, bnkernels.BatchNorm3d)}
+
+LAYOUTS = ("contiguous", "channels_last", "channel_slice", "spatial_slice", "expanded",
+           "stepped", "transposed")
+
+
+def layout_applies(layout, dim):
+    if layout == "channels_last":
+        return dim in (4, 5)
+    if layout in ("spatial_slice", "stepped"):
+        return dim >= 3
+    if layout == "transposed":
+        return dim >= 4
+    return True
+
+
+def make_input(shape, dtype, device, layout="contiguous", loc=0.0, scale=1.0, seed=0):
+    """Random (never constant) data of the given shape, laid out as asked. Read in place
+    by the kernels: channels_last; channel_slice x[:, ::2] and spatial_slice x[:, :, 1:-1]
+    of bigger tensors; expanded, one sample broadcast over the batch (stride 0).
+    Copied first (their spatial dims don't collapse to one stride): stepped x[..., ::2],
+    transposed (the last two spatial dims swapped)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*s):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * scale + loc).to(device)
+
+    shape = list(shape)
+    if layout == "contiguous":
+        x = rand(*shape)
+    elif layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = rand(*shape).contiguous(memory_format=fmt)
+    elif layout == "channel_slice":
+        x = rand(shape[0], 2 * shape[1], *shape[2:])[:, ::2]
+    elif layout == "spatial_slice":
+        x = rand(shape[0], shape[1], shape[2] + 2, *shape[3:])[:, :, 1:-1]
+    elif layout == "expanded":
+        x = rand(1, *shape[1:]).expand(*shape)
+    elif layout == "stepped":
+        x = rand(*shape[:-1], 2 * shape[-1])[..., ::2]
+    elif layout == "transposed":
+        x = rand(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+    else:
+        raise ValueError(layout)
+    assert list(x.shape) == shape
+    return x.to(dtype)
+
+
+def random_params(c, dtype, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(device, dtype)
+    bias = torch.randn(c, generator=gen, dtype=torch.float64).to(device, dtype)
+    running_mean = torch.randn(c, generator=gen, dtype=torch.float64).to(device, dtype)
+    running_var = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(device, dtype)
+    return weight, bias, running_mean, running_var
+
+
+def float64_reference(x, weight, bias, running_mean, running_var, training, eps=1e-5):
+    """(y, mean, rstd, var) of the plain-torch math in float64."""
+    d = [None if t is None else t.double() for t in (weight, bias, running_mean, running_var)]
+    return reference.forward(x.double(), *d, training, eps)
+
+
+def assert_close_scaled(actual, expected, tol, msg=""):
+    """|actual - expected| <= atol*max(1, max|expected|) + rtol*|expected|."""
+    atol, rtol = tol
+    expected = expected.to(torch.float64)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.to(torch.float64), expected, atol=atol * scale,
+                               rtol=rtol, msg=msg or None)
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("torch's batch_norm was called: the bnkernels path fell back")
+
+
+@contextlib.contextmanager
+def kernels_only():
+    """Inside: torch's batch_norm entry points raise, and on leaving, at least one
+    bnkernels Triton kernel must have been launched."""
+    before = sum(launch_counts.values())
+    with contextlib.ExitStack() as stack:
+        for owner, name in ((torch, "batch_norm"), (torch, "native_batch_norm"),
+                            (F, "batch_norm")):
+            stack.enter_context(mock.patch.object(owner, name, _forbidden))
+        yield
+    assert sum(launch_counts.values()) > before, "no bnkernels Triton kernel was launched"
+
+
+def bn_pair(dim, c, dtype, device, **kwargs):
+    """A torch BatchNorm and a bnkernels one with the same random state (weight, bias and
+    running statistics not at their defaults)."""
+    torch_cls, ours_cls = BN_CLASSES[dim]
+    ref = torch_cls(c, **kwargs).to(device)
+    with torch.no_grad():
+        w, b, rm, rv = random_params(c, torch.float32, device)
+        if ref.weight is not None:
+            ref.weight.copy_(w)
+        if ref.bias is not None:
+            ref.bias.copy_(b)
+        if ref.running_mean is not None:
+            ref.running_mean.copy_(rm)
+            ref.running_var.copy_(rv)
+    ref = ref.to(dtype)
+    ours = ours_cls(c, **kwargs).to(device, dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
