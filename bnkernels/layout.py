@@ -86,10 +86,13 @@ def kernel_layout(tensors: Sequence[torch.Tensor], block_c: int, block_r: int) -
         # a row is one stride away from the next: sN when S == 1, sS otherwise
         strides = [(sn, sc, sn if s == 1 else ss) for sn, sc, ss in strides]
     # A bound on every offset a lane forms, masked lanes of the last tiles included
-    # (n and s are each below rows); past int32, the kernels index in int64.
-    rows, chans = n * s + block_r, c + block_c
-    reach = max(rows * (sn + ss) + chans * sc for sn, sc, ss in strides)
-    return KernelLayout(flat, max(reach, rows) >= 2**31 - 1, tuple(strides))
+    # (rows up to n*s + block_r); past int32, the kernels index in int64.
+    if flat:
+        reach = max((n * s + block_r) * ss + (c + block_c) * sc for _, sc, ss in strides)
+    else:
+        reach = max((n + block_r // s + 1) * sn + s * ss + (c + block_c) * sc
+                    for sn, sc, ss in strides)
+    return KernelLayout(flat, max(reach, n * s + block_r) >= 2**31 - 1, tuple(strides))
 
 
 def _next_pow2(v: int) -> int:

@@ -73,6 +73,14 @@ def _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps,
 
 
 @triton.jit
+def _channel_shift(x_ptr, c, c_mask, sxC, INDEX_64: tl.constexpr, ACC: tl.constexpr):
+    """x[0, c, 0]: the shift K the forward statistics are accumulated around."""
+    if INDEX_64:
+        c = c.to(tl.int64)
+    return tl.load(x_ptr + c * sxC, mask=c_mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     """Chan, Golub & LeVeque: merge two (mean, M2, n) partials exactly; empty ones are a no-op."""
     n = n_a + n_b
@@ -92,9 +100,12 @@ def _partial_stats_kernel(
 ):
     """Per-channel partial reductions over this program's rows [row0, row_end).
 
-    Forward, one-pass Welford per lane (never E[x^2] - E[x]^2):
+    Forward, one-pass Welford per lane (never E[x^2] - E[x]^2) on x - K, K the channel's
+    first element (_channel_shift):
         n += 1;  d = x - mean;  mean += d / n;  M2 += d * (x - mean)
-    then the lanes are merged with _welford_combine.
+    then the lanes are merged with _welford_combine. The shift keeps the running means
+    small: a float32 mean near 1e4 moves in steps of 1e-3, which cost x = 1e4 + randn
+    a 4e-4 relative error in its variance before it.
     Backward, with xhat = (x - mean) * rstd:
         a = sum g (= dbeta),  b = sum g * xhat (= dgamma)
     The results go to part[0, split, c] (mean | sum g) and part[1, split, c] (M2 | sum g*xhat).
@@ -112,6 +123,8 @@ def _partial_stats_kernel(
     count = tl.zeros([1, BLOCK_R], ACC)
     if BACKWARD:
         mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, FROM_RUNNING, ACC)
+    else:
+        shift = _channel_shift(x_ptr, c, c_mask, sxC, INDEX_64, ACC)
     for start in range(row0, row_end, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         r_mask = (r < row_end)[None, :]
@@ -124,6 +137,7 @@ def _partial_stats_kernel(
             a += g
             b += g * ((x - mean[:, None]) * rstd[:, None])
         else:
+            x -= shift[:, None]
             count += r_mask.to(ACC)
             delta = x - a
             a += tl.where(r_mask, delta / tl.maximum(count, 1.0), 0.0)
@@ -141,15 +155,16 @@ def _partial_stats_kernel(
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, out0_ptr, out1_ptr, out2_ptr,
-    C, R, rows_per_split, num_splits, eps,
-    BACKWARD: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    part_ptr, out0_ptr, out1_ptr, out2_ptr, x_ptr,
+    C, R, rows_per_split, num_splits, eps, sxC,
+    BACKWARD: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     """Merges the splits of _partial_stats_kernel, in split order.
 
     Forward (Chan et al.; split k holds n_k = min(rows_per_split, R - k*rows_per_split) rows):
         n = n_a + n_b;  d = mean_b - mean_a;  mean = mean_a + d*n_b/n;  M2 = M2_a + M2_b + d^2*n_a*n_b/n
-        out0 = mean, out1 = rstd = 1/sqrt(var + eps), out2 = var = M2 / R (biased)
+        out0 = mean = K + merged mean of x - K, out1 = rstd = 1/sqrt(var + eps),
+        out2 = var = M2 / R (biased)
     Backward: out0 = sum g (dbeta), out1 = sum g*xhat (dgamma).
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -175,7 +190,8 @@ def _merge_kernel(
         tl.store(out1_ptr + c, b, mask=c_mask)
     else:
         var = b / R
-        tl.store(out0_ptr + c, a, mask=c_mask)
+        mean = a + _channel_shift(x_ptr, c, c_mask, sxC, INDEX_64, ACC)
+        tl.store(out0_ptr + c, mean, mask=c_mask)
         tl.store(out1_ptr + c, _inv_std(var, eps, ACC), mask=c_mask)
         tl.store(out2_ptr + c, var, mask=c_mask)
 
@@ -282,9 +298,10 @@ class _Launch:
                      for _ in range(2 if backward else 3))
         block = min(MERGE_BLOCK_C, triton.next_power_of_2(self.c))
         out2 = outs[2] if len(outs) == 3 else outs[0]  # the backward merge has no third output
-        _launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2,
-                self.c, self.rows, plan.rows_per_split, plan.splits, eps,
-                BACKWARD=backward, BLOCK_C=block, ACC=_GL[self.acc])
+        _launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2, x,
+                self.c, self.rows, plan.rows_per_split, plan.splits, eps, strides[0][1],
+                BACKWARD=backward, INDEX_64=self.layout.index_64, BLOCK_C=block,
+                ACC=_GL[self.acc])
         return outs
 
 

@@ -1,0 +1,158 @@
+"""The hard cases: |mean| >> std, float16 overflow, constant channels, N*S = 1, empty
+batches, determinism, and the split-and-merge path with many programs per channel."""
+import pytest
+import torch
+
+import bnkernels
+from bnkernels import layout
+from helpers import (TOL, assert_close_scaled, bn_pair, float64_reference, kernels_only,
+                     make_input, random_params)
+
+
+@pytest.fixture
+def many_splits(monkeypatch):
+    """Tiny tiles and many programs: every channel is split over several programs, so the
+    Welford merge across programs (and the masked tails) are exercised."""
+    monkeypatch.setattr(layout, "INTERPRETER_TILE", 64)
+    monkeypatch.setattr(layout, "GPU_TILE", 64)
+    monkeypatch.setattr(layout, "INTERPRETER_PROGRAMS", 64)
+
+
+def _fwd_bwd(x, w, b, rm, rv, training=True):
+    x = x.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(True)
+    b = b.detach().requires_grad_(True)
+    g = make_input(x.shape, x.dtype, x.device, seed=5)
+    with kernels_only():
+        y = bnkernels.batch_norm(x, rm, rv, w, b, training=training)
+        grads = torch.autograd.grad(y, (x, w, b), g)
+    return (y,) + grads
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_merge_matches_single_program(channels_last, device, monkeypatch):
+    x = make_input((3, 5, 13, 11), torch.float32, device,
+                   "channels_last" if channels_last else "contiguous", loc=2.0)
+    params = random_params(5, torch.float32, device)
+    rm1, rv1, rm2, rv2 = (t.clone() for t in params[2:] * 2)
+    one = _fwd_bwd(x, *params[:2], rm1, rv1)
+    plan = layout.launch_plan(3, 5, 143, channels_last, torch.device(device))
+    monkeypatch.setattr(layout, "INTERPRETER_TILE", 64)
+    monkeypatch.setattr(layout, "GPU_TILE", 64)
+    monkeypatch.setattr(layout, "INTERPRETER_PROGRAMS", 64)
+    split_plan = layout.launch_plan(3, 5, 143, channels_last, torch.device(device))
+    assert split_plan.splits > 1 and split_plan.splits > plan.splits
+    many = _fwd_bwd(x, *params[:2], rm2, rv2)
+    for a, b in zip(one + (rm1, rv1), many + (rm2, rv2)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", ["one_program", "many_programs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_mean_small_std(dtype, split, device, request):
+    """x = 1e4 + randn: E[x^2] - E[x]^2 would lose every digit of the variance in float32."""
+    if split == "many_programs":
+        request.getfixturevalue("many_splits")
+    x = make_input((8, 3, 16, 16), dtype, device, loc=1e4, scale=1.0)
+    rm, rv = torch.zeros(3, device=device, dtype=dtype), torch.ones(3, device=device, dtype=dtype)
+    with kernels_only():
+        y = bnkernels.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    x64 = x.double()
+    var64 = x64.var(dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(rv.double(), var64, rtol=1e-5 if dtype == torch.float32 else 1e-10,
+                               atol=0)
+    torch.testing.assert_close(rm.double(), x64.mean(dim=(0, 2, 3)), rtol=1e-7, atol=0)
+    # (x - mean) carries the float32 rounding of a mean of 1e4: about 5e-4.
+    expected = float64_reference(x, None, None, None, None, True)[0]
+    tol = 2e-3 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=tol)
+
+
+def test_float16_large_values_do_not_overflow(device, many_splits):
+    """|x| ~ 1000 in float16: x^2 ~ 1e6 is past float16's 65504; statistics are float32."""
+    x = make_input((4, 3, 16, 16), torch.float16, device, loc=1000.0, scale=30.0)
+    w, b, rm, rv = random_params(3, torch.float32, device)
+    y, dx, dw, db = _fwd_bwd(x, w, b, rm, rv)
+    for t in (y, dx, dw, db, rm, rv):
+        assert torch.isfinite(t).all()
+    expected = float64_reference(x, w, b, None, None, True)[0]
+    assert_close_scaled(y, expected, TOL[torch.float16])
+    torch.testing.assert_close(rv.double(), 0.9 * 0.5 + 0.0 + 0.1 * x.double().var(dim=(0, 2, 3)),
+                               rtol=0.5, atol=0)  # coarse: the exact value is checked below
+    ref, ours = bn_pair(4, 3, torch.float32, device)
+    with kernels_only():
+        ours(x)
+    ref(x)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_constant_channel_gives_beta(dtype, device):
+    x = make_input((4, 3, 5, 7), dtype, device)
+    x[:, 1] = 3.75
+    w, b, rm, rv = random_params(3, torch.float32, device)
+    y, dx, dw, db = _fwd_bwd(x, w, b, rm, rv)
+    for t in (y, dx, dw, db, rm, rv):
+        assert torch.isfinite(t).all()
+    # y is beta rounded to the output dtype; the batch variance of the channel is 0
+    torch.testing.assert_close(y[:, 1], b[1].to(dtype).expand(4, 5, 7), rtol=0, atol=1e-3)
+    assert rv[1].item() == pytest.approx(0.9 * random_params(3, torch.float32, device)[3][1].item())
+
+
+def test_one_value_per_channel_in_eval(device):
+    """N*S = 1 is allowed in eval mode (running statistics)."""
+    ref, ours = bn_pair(2, 4, torch.float32, device)
+    ref.eval(), ours.eval()
+    x = make_input((1, 4), torch.float32, device)
+    with kernels_only():
+        y = ours(x)
+    torch.testing.assert_close(y, ref(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (0, 3, 2, 2, 2)])
+def test_empty_batch_like_torch(shape, training, device):
+    ref, ours = bn_pair(len(shape), 3, torch.float32, device)
+    ref.train(training), ours.train(training)
+    results = []
+    for module in (ref, ours):
+        x = torch.empty(shape, device=device, requires_grad=True)
+        y = module(x)
+        y.sum().backward()
+        results.append((y, x.grad, module.weight.grad, module.bias.grad,
+                        module.running_mean, module.running_var, module.num_batches_tracked))
+    for a, b in zip(*results):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
+def test_deterministic_bitwise(device, many_splits):
+    x = make_input((4, 6, 9, 9), torch.float32, device, "channels_last", loc=3.0)
+    params = random_params(6, torch.float32, device)
+    runs = []
+    for _ in range(2):
+        rm, rv = params[2].clone(), params[3].clone()
+        runs.append(_fwd_bwd(x, params[0], params[1], rm, rv) + (rm, rv))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_int64_indexing_path(device, monkeypatch):
+    """The INDEX_64 variant gives the same results; forced here on a small tensor."""
+    x = make_input((3, 4, 6, 5), torch.float32, device, "channel_slice", loc=1.0)
+    params = random_params(4, torch.float32, device)
+    rm1, rv1, rm2, rv2 = (t.clone() for t in params[2:] * 2)
+    narrow = _fwd_bwd(x, *params[:2], rm1, rv1)
+    real = layout.kernel_layout
+    monkeypatch.setattr("bnkernels.triton_batch_norm.kernel_layout",
+                        lambda *a: real(*a)._replace(index_64=True))
+    wide = _fwd_bwd(x, *params[:2], rm2, rv2)
+    for a, b in zip(narrow + (rm1, rv1), wide + (rm2, rv2)):
+        assert torch.equal(a, b)
+
+
+def test_int64_chosen_past_2_to_31():
+    big = torch.empty((2**16, 64, 32, 32), device="meta")
+    assert layout.kernel_layout([big], 4, 512).index_64
+    small = torch.empty((128, 64, 56, 56), device="meta")
+    assert not layout.kernel_layout([small], 4, 512).index_64
