@@ -27,8 +27,8 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     n, c, s = ncs_shape(input)
-    for name, t in (("weight", weight), ("bias", bias),
-                    ("running_mean", running_mean), ("running_var", running_var)):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):  # torch's order of checks
         if t is None:
             continue
         if t.numel() != c:

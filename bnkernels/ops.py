@@ -55,7 +55,8 @@ def _(grad_y, x, weight, mean, stat, training, eps, need_dx, need_sums):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, training, eps = inputs
-    _, mean, rstd, _ = output
+    _, mean, rstd, var = output
+    ctx.mark_non_differentiable(mean, rstd, var)  # statistics for the buffers, not the loss
     # Training saves the float32 (float64) batch mean/rstd; eval the running statistics,
     # from which backward recomputes rstd. xhat is never saved: backward recomputes it.
     stats = (mean, rstd) if training else (running_mean, running_var)

@@ -1,0 +1,51 @@
+"""BNKERNELS_BACKEND: auto | triton | torch, and the plain-torch path agreeing with Triton."""
+import pytest
+import torch
+
+import bnkernels
+from bnkernels import backend, reference
+from bnkernels.triton_batch_norm import launch_counts
+from helpers import make_input, random_params
+
+
+def _run(x, training=True):
+    w, b, rm, rv = random_params(x.shape[1], torch.float32, x.device)
+    x = x.detach().requires_grad_(True)
+    y = bnkernels.batch_norm(x, rm, rv, w, b, training=training)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y).cumsum(0))
+    return y, dx, rm, rv
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_backend_agrees_with_triton(training, device, monkeypatch):
+    x = make_input((3, 5, 6, 7), torch.float32, device, "channels_last", loc=1.0)
+    with_triton = _run(x, training)
+    monkeypatch.setenv("BNKERNELS_BACKEND", "torch")
+    before = sum(launch_counts.values())
+    with_torch = _run(x, training)
+    assert sum(launch_counts.values()) == before  # no Triton kernel on the torch path
+    for a, b in zip(with_triton, with_torch):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_cpu_follows_the_interpreter(monkeypatch):
+    x = torch.randn(2, 3)
+    monkeypatch.setenv("BNKERNELS_BACKEND", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.select(x).__name__ == "bnkernels.triton_batch_norm"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backend.select(x) is reference
+
+
+def test_forced_triton_without_a_way_to_run_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("BNKERNELS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+        bnkernels.batch_norm(torch.randn(2, 3), None, None, training=True)
+
+
+@pytest.mark.parametrize("value,error", [("cuda", RuntimeError), ("cudnn", ValueError)])
+def test_bad_backend_values(value, error, monkeypatch):
+    monkeypatch.setenv("BNKERNELS_BACKEND", value)
+    with pytest.raises(error, match="BNKERNELS_BACKEND"):
+        bnkernels.batch_norm(torch.randn(2, 3), None, None, training=True)

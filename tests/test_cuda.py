@@ -1,0 +1,79 @@
+"""What only a GPU can show: no host synchronisation, CUDA-graph capture, and tensors past
+2**31 elements. Skipped without CUDA."""
+import pytest
+import torch
+
+import bnkernels
+from helpers import kernels_only
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _step(bn, x, g):
+    y = bn(x)
+    y.backward(g)
+    return y
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False])
+def test_no_host_sync(momentum, training):
+    bn = bnkernels.BatchNorm2d(64, momentum=momentum).cuda().train(training)
+    x = torch.randn(8, 64, 14, 14, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+    _step(bn, x, g)  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with kernels_only():
+            _step(bn, x, g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_capture_matches_eager():
+    torch.manual_seed(0)
+    bn = bnkernels.BatchNorm2d(32, momentum=None).cuda()
+    ref = bnkernels.BatchNorm2d(32, momentum=None).cuda()
+    ref.load_state_dict(bn.state_dict())
+    x = torch.randn(16, 32, 28, 28, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _step(bn, x, g)  # warm-up on a side stream, as torch's CUDA-graph docs do
+        _step(ref, x.detach().requires_grad_(True), g)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    bn.weight.grad = bn.bias.grad = None
+    with torch.cuda.graph(graph):
+        y = _step(bn, x, g)
+    for _ in range(3):
+        graph.replay()
+    xr = x.detach().clone().requires_grad_(True)
+    for _ in range(3):
+        ref.weight.grad = ref.bias.grad = None
+        xr.grad = None
+        yr = _step(ref, xr, g)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+def test_more_than_2_to_31_elements():
+    n, c, hw = 33, 64, 1024 * 1024  # 2.2e9 elements of float16, 4.4 GB
+    x = torch.randn(n, c, hw, device="cuda", dtype=torch.float16)
+    x[:, :2] += 5.0
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    with kernels_only():
+        y = bnkernels.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    for ch in (0, 1, c - 1):  # first, and last (the largest offsets)
+        xc = x[:, ch].double()
+        mean, var = xc.mean(), xc.var(unbiased=False)
+        torch.testing.assert_close(rm[ch].double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rv[ch].double(), xc.var(), rtol=1e-4, atol=1e-5)
+        expected = ((xc - mean) / (var + 1e-5).sqrt()).half()
+        torch.testing.assert_close(y[:, ch], expected, rtol=4e-3, atol=4e-3)
