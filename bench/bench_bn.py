@@ -1,0 +1,224 @@
+"""BatchNorm on ResNet-50's shapes: every provider side by side, in one run, on one GPU.
+
+    python bench/bench_bn.py [--quick] [--out DIR] [--dtypes float32,bfloat16] [--layouts nchw,nhwc]
+
+Providers: bnkernels_triton; torch (nn.functional.batch_norm, cuDNN where torch picks it);
+torch_native (cuDNN disabled); inductor (torch.compile of the same F.batch_norm call).
+Ops: fwd_train (batch statistics + running-stat update), bwd (the backward alone),
+fwd_eval, and one `copy` row per run (a device-to-device copy: the bandwidth ceiling).
+
+Timing: triton.testing.do_bench (it flushes L2 before every repetition), median with the
+20th/80th percentiles; each provider gets fresh inputs, and its output is checked against
+torch before it is timed. GB/s counts 3 tensor sizes for fwd_train, 5 for bwd, 2 for
+fwd_eval and copy (../shared/BN_MATH.md's practical floor).
+
+Rows are appended to DIR/bn.csv (DIR defaults to bench/results/<gpu>/), one line per
+(op, layout, dtype, shape, provider), with the device, versions and commit.
+--smoke runs tiny shapes on CPU with a wall-clock timer: it checks the harness, not speed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+COLUMNS = ["op", "layout", "dtype", "N", "C", "H", "W", "provider", "median_ms", "p20_ms",
+           "p80_ms", "gbps", "gpu", "torch", "triton", "cuda", "commit"]
+RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
+                   (512, 28, 28), (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14),
+                   (512, 7, 7), (2048, 7, 7)]
+QUICK_SHAPES = [(64, 112, 112), (256, 56, 56), (2048, 7, 7)]
+PROVIDERS = ["bnkernels_triton", "torch", "torch_native", "inductor"]
+OPS = ["fwd_train", "bwd", "fwd_eval"]
+TENSORS_MOVED = {"fwd_train": 3, "bwd": 5, "fwd_eval": 2, "copy": 2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _gpu_name(device: str) -> str:
+    if device != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_")
+
+
+def _short_gpu(name: str) -> str:
+    for tag in ("H100", "H200", "A100", "L4", "L40S"):
+        if tag in name:
+            return tag.lower()
+    return name.lower()
+
+
+class _Case:
+    """Fresh inputs for one (op, shape, dtype, layout, provider) and the call to time."""
+
+    def __init__(self, op, provider, shape, dtype, layout, device):
+        import bnkernels
+
+        n, c, h, w = shape
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.x = (torch.randn(shape, generator=gen, device=device) * 2 + 0.5).to(dtype)
+        self.x = self.x.contiguous(memory_format=fmt)
+        self.weight = torch.rand(c, generator=gen, device=device) + 0.5
+        self.bias = torch.randn(c, generator=gen, device=device)
+        self.rm = torch.randn(c, generator=gen, device=device)
+        self.rv = torch.rand(c, generator=gen, device=device) + 0.5
+        self.grad = torch.randn(shape, generator=gen, device=device).to(dtype)
+        self.grad = self.grad.contiguous(memory_format=fmt)
+        training = op != "fwd_eval"
+        if provider == "bnkernels_triton":
+            fn = bnkernels.batch_norm
+        elif provider == "inductor":
+            fn = torch.compile(F.batch_norm)
+        else:
+            fn = F.batch_norm
+        self.provider, self.op = provider, op
+
+        def forward(x):
+            return fn(x, self.rm, self.rv, self.weight, self.bias, training, 0.1, 1e-5)
+
+        self.forward = forward
+        if op == "bwd":
+            for t in (self.x, self.weight, self.bias):
+                t.requires_grad_(True)
+            self.y = self._guarded(lambda: forward(self.x))
+
+    def _guarded(self, call):
+        if self.provider != "torch_native":
+            return call()
+        with torch.backends.cudnn.flags(enabled=False):
+            return call()
+
+    def timed_call(self):
+        if self.op == "bwd":
+            return lambda: self._guarded(lambda: torch.autograd.grad(
+                self.y, (self.x, self.weight, self.bias), self.grad, retain_graph=True))
+        return lambda: self._guarded(lambda: self.forward(self.x))
+
+    def output(self):
+        """What is compared with torch: y, or (dx, dweight, dbias)."""
+        if self.op == "bwd":  # (torch's backward saved the running stats: leave them be)
+            return self.timed_call()()
+        rm, rv = self.rm.clone(), self.rv.clone()
+        out = self.timed_call()()
+        self.rm.copy_(rm), self.rv.copy_(rv)
+        return (out,)
+
+
+def _time(fn, device):
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    return samples[1], samples[0], samples[2]
+
+
+def _check(case, reference, dtype):
+    for got, want in zip(case.output(), reference):
+        err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1))
+        if err.item() > TOL[dtype]:
+            raise AssertionError(f"{case.provider} {case.op}: relative error {err.item():.2e}")
+
+
+def run(args) -> list[dict]:
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    shapes = [(4, 6, 6), (8, 3, 3)] if args.smoke else (
+        QUICK_SHAPES if args.quick else RESNET50_SHAPES)
+    providers = [p for p in args.providers.split(",") if p]
+    import triton
+
+    meta = dict(gpu=_gpu_name(device), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda or "none", commit=_commit())
+    jobs = [(op, layout, dname, chw) for op in OPS for layout in args.layouts.split(",")
+            for dname in args.dtypes.split(",") for chw in shapes]
+    rows = []
+    copy_src = torch.empty(2**28 if device == "cuda" else 2**16, device=device)
+    copy_dst = torch.empty_like(copy_src)
+    med, p20, p80 = _time(lambda: copy_dst.copy_(copy_src), device)
+    nbytes = 2 * copy_src.numel() * copy_src.element_size()
+    rows.append(dict(op="copy", layout="-", dtype="float32", N=copy_src.numel(), C=1, H=1, W=1,
+                     provider="torch", median_ms=med, p20_ms=p20, p80_ms=p80,
+                     gbps=nbytes / med / 1e6, **meta))
+    del copy_src, copy_dst
+    for i, (op, layout, dname, (c, h, w)) in enumerate(jobs, 1):
+        dtype = DTYPES[dname]
+        shape = (args.batch, c, h, w)
+        reference = _Case(op, "torch", shape, dtype, layout, device).output()
+        for provider in providers:
+            case = _Case(op, provider, shape, dtype, layout, device)
+            _check(case, reference, dtype)
+            med, p20, p80 = _time(case.timed_call(), device)
+            moved = TENSORS_MOVED[op] * case.x.numel() * case.x.element_size()
+            rows.append(dict(op=op, layout=layout, dtype=dname, N=shape[0], C=c, H=h, W=w,
+                             provider=provider, median_ms=med, p20_ms=p20, p80_ms=p80,
+                             gbps=moved / med / 1e6, **meta))
+            del case
+        print(f"[{i}/{len(jobs)}] {op} {layout} {dname} {shape}: " + ", ".join(
+            f"{r['provider']} {r['median_ms']:.3f} ms" for r in rows[-len(providers):]),
+            flush=True)
+    return rows
+
+
+def write(rows, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bn.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three shapes instead of twelve")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: harness check")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--layouts", default="nchw,nhwc")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch = min(args.batch, 2)
+        args.providers = args.providers.replace("inductor", "").replace(",,", ",").strip(",")
+    elif not torch.cuda.is_available():
+        print("bench_bn.py times on a CUDA GPU; there is none here (use --smoke to check "
+              "the harness, or `python -m bnkernels.selfcheck` for correctness).")
+        return 2
+    rows = run(args)
+    gpu = _short_gpu(rows[0]["gpu"])
+    out = args.out or Path(__file__).resolve().parent / "results" / gpu
+    path = write(rows, out)
+    print(f"{len(rows)} rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

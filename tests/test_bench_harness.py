@@ -1,0 +1,21 @@
+"""The benchmark harness writes what the README and the benchmark issue promise (checked on
+tiny shapes; its timings mean nothing here)."""
+import csv
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_bn  # noqa: E402
+
+
+def test_smoke_run_writes_the_csv(tmp_path):
+    assert bench_bn.main(["--smoke", "--dtypes", "float32", "--out", str(tmp_path)]) == 0
+    with (tmp_path / "bn.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0].keys()) == bench_bn.COLUMNS
+    assert rows[0]["op"] == "copy"
+    seen = {(r["op"], r["layout"], r["provider"]) for r in rows[1:]}
+    assert seen == {(op, layout, p) for op in bench_bn.OPS for layout in ("nchw", "nhwc")
+                    for p in ("bnkernels_triton", "torch", "torch_native")}
+    assert all(float(r["median_ms"]) > 0 and float(r["gbps"]) > 0 for r in rows)
