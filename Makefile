@@ -21,8 +21,9 @@ else
 endif
 	touch $@
 
+# Two workers where pytest-xdist is installed (requirements/cpu.txt has it).
 test: $(VENV)/.ready
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider $$($(PY) -c 'import xdist' 2>/dev/null && echo '-n 2') tests
 
 bench: $(VENV)/.ready
 	$(PY) bench/main.py

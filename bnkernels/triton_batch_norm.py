@@ -19,6 +19,7 @@ switches (FLAT_ROWS) and the tile shape the launch plan picks.
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -73,6 +74,15 @@ def _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps,
 
 
 @triton.jit
+def _program_share(C, R, rows_per_split, BLOCK_C: tl.constexpr):
+    """This program's channels (block program_id(0)) and rows [row0, row_end) (split
+    program_id(1))."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row0 = tl.program_id(1) * rows_per_split
+    return c, c < C, row0, tl.minimum(row0 + rows_per_split, R)
+
+
+@triton.jit
 def _channel_shift(x_ptr, c, c_mask, sxC, INDEX_64: tl.constexpr, ACC: tl.constexpr):
     """x[0, c, 0]: the shift K the forward statistics are accumulated around."""
     if INDEX_64:
@@ -110,13 +120,9 @@ def _partial_stats_kernel(
         a = sum g (= dbeta),  b = sum g * xhat (= dgamma)
     The results go to part[0, split, c] (mean | sum g) and part[1, split, c] (M2 | sum g*xhat).
     """
-    pid_c = tl.program_id(0)
+    c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    row0 = split * rows_per_split
-    row_end = tl.minimum(row0 + rows_per_split, R)
 
     a = tl.zeros([BLOCK_C, BLOCK_R], ACC)
     b = tl.zeros([BLOCK_C, BLOCK_R], ACC)
@@ -215,12 +221,7 @@ def _apply_kernel(
                dx = gamma * rstd * g
     (x - mean) is formed before scaling: for |mean| >> std, x*a + b would cancel.
     """
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    row0 = split * rows_per_split
-    row_end = tl.minimum(row0 + rows_per_split, R)
+    c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
 
     mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, FROM_RUNNING, ACC)
     if HAS_WEIGHT:
@@ -265,7 +266,10 @@ _GL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 def _launch(kernel, grid, *args, **meta):
     launch_counts[kernel.fn.__name__] += 1
-    kernel[grid](*args, **meta)
+    device = args[0].device
+    # Triton launches on the current device: make it the tensors' one (x on cuda:1, say).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **meta)
 
 
 class _Launch:
