@@ -10,5 +10,7 @@ setup(
     python_requires=">=3.10",
     # torch is not pinned here: pick the build for your machine (see the README).
     install_requires=["torch>=2.6", "triton>=3.6; platform_system == 'Linux'", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "onnx", "onnxruntime",
+                             "onnxscript"],
+                    "bench": ["matplotlib"]},
 )

@@ -21,13 +21,15 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 COLUMNS = ["op", "layout", "dtype", "N", "C", "H", "W", "provider", "median_ms", "p20_ms",
            "p80_ms", "gbps", "gpu", "torch", "triton", "cuda", "commit"]
@@ -40,27 +42,6 @@ OPS = ["fwd_train", "bwd", "fwd_eval"]
 TENSORS_MOVED = {"fwd_train": 3, "bwd": 5, "fwd_eval": 2, "copy": 2}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _gpu_name(device: str) -> str:
-    if device != "cuda":
-        return "cpu"
-    return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_")
-
-
-def _short_gpu(name: str) -> str:
-    for tag in ("H100", "H200", "A100", "L4", "L40S"):
-        if tag in name:
-            return tag.lower()
-    return name.lower()
 
 
 class _Case:
@@ -148,10 +129,9 @@ def run(args) -> list[dict]:
     shapes = [(4, 6, 6), (8, 3, 3)] if args.smoke else (
         QUICK_SHAPES if args.quick else RESNET50_SHAPES)
     providers = [p for p in args.providers.split(",") if p]
-    import triton
-
-    meta = dict(gpu=_gpu_name(device), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda or "none", commit=_commit())
+    meta = dict(gpu=common.device_name(device), torch=torch.__version__,
+                triton=common.triton_version(), cuda=torch.version.cuda or "none",
+                commit=common.commit())
     jobs = [(op, layout, dname, chw) for op in OPS for layout in args.layouts.split(",")
             for dname in args.dtypes.split(",") for chw in shapes]
     rows = []
@@ -213,8 +193,8 @@ def main(argv=None) -> int:
               "the harness, or `python -m bnkernels.selfcheck` for correctness).")
         return 2
     rows = run(args)
-    gpu = _short_gpu(rows[0]["gpu"])
-    out = args.out or Path(__file__).resolve().parent / "results" / gpu
+    out = args.out or Path(__file__).resolve().parent / "results" / common.results_dir_name(
+        "cpu" if args.smoke else "cuda")
     path = write(rows, out)
     print(f"{len(rows)} rows appended to {path}")
     return 0

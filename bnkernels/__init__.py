@@ -3,13 +3,16 @@
     bnkernels.BatchNorm1d / BatchNorm2d / BatchNorm3d   drop-in nn.BatchNorm* subclasses
     bnkernels.batch_norm                                 like torch.nn.functional.batch_norm
     bnkernels.convert_batchnorm(model)                   swap a model's BatchNorm modules
+    bnkernels.fold_conv_bn(model)                        fold eval BatchNorms into the layer before
 
 Backend: BNKERNELS_BACKEND = auto | triton | torch (see bnkernels/backend.py).
 """
 from .convert import convert_batchnorm
+from .fold import FoldReport, fold_conv_bn
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FoldReport", "batch_norm",
+           "convert_batchnorm", "fold_conv_bn"]

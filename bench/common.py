@@ -1,0 +1,38 @@
+"""What every benchmark row carries: the device, versions and commit it was measured at."""
+import platform
+import subprocess
+
+import torch
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_")
+    return f"cpu_{platform.machine()}_x{torch.get_num_threads()}threads"
+
+
+def results_dir_name(device: str) -> str:
+    """bench/results/<this>: h100, h200, a100, ... or cpu."""
+    if device != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name()
+    for tag in ("H100", "H200", "A100", "L40S", "L4"):
+        if tag in name:
+            return tag.lower()
+    return device_name(device).lower()
