@@ -74,12 +74,11 @@ def _meta(device):
                 triton=common.triton_version(), commit=common.commit())
 
 
-def run(args):
+def run(args, emit):
     device = args.device
     base, model_name = resnet50()
     base = _randomize_bn(base).eval()
     meta = _meta(device)
-    rows = []
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
         unfolded = copy.deepcopy(base).to(device, dtype)
@@ -91,6 +90,8 @@ def run(args):
             if mode == "compile":
                 models = {k: torch.compile(m) for k, m in models.items()}
             for batch in (int(b) for b in args.batches.split(",")):
+                if f"{dname}:{batch}" in args.skip.split(","):
+                    continue
                 x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
                 if device == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -100,15 +101,13 @@ def run(args):
                     for variant, model in models.items():
                         timings[variant] = _time(lambda: model(x), device, args.reps)
                 for variant, (med, p20, p80) in timings.items():
-                    rows.append(dict(model=model_name, variant=variant, mode=mode, dtype=dname,
-                                     batch=batch, median_ms=med, p20_ms=p20, p80_ms=p80,
-                                     speedup=timings["unfolded"][0] / med, max_abs_diff=diff,
-                                     **meta))
+                    emit(dict(model=model_name, variant=variant, mode=mode, dtype=dname,
+                              batch=batch, median_ms=med, p20_ms=p20, p80_ms=p80,
+                              speedup=timings["unfolded"][0] / med, max_abs_diff=diff, **meta))
                 print(f"{dname} {mode} batch {batch}: unfolded {timings['unfolded'][0]:.2f} ms, "
                       f"folded {timings['folded'][0]:.2f} ms "
                       f"({timings['unfolded'][0] / timings['folded'][0]:.2f}x), "
                       f"max |diff| {diff:.2e}", flush=True)
-    return rows
 
 
 def main(argv=None) -> int:
@@ -116,11 +115,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--dtypes", default="float32,float16")
+    parser.add_argument("--skip", default="",
+                        help="dtype:batch pairs to leave out, e.g. float16:32 (slow on a CPU)")
     parser.add_argument("--modes", default="eager,compile")
     parser.add_argument("--reps", type=int, default=10, help="CPU only: timed runs per row")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    rows = run(args)
     out = args.out or Path(__file__).resolve().parent / "results" / common.results_dir_name(args.device)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fold.csv"
@@ -129,9 +129,13 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
             writer.writeheader()
-        for row in rows:
+
+        def emit(row):  # each row as soon as it is measured: a long run keeps what it did
             writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
-    print(f"{len(rows)} rows appended to {path}")
+            f.flush()
+
+        run(args, emit)
+    print(f"rows appended to {path}")
     return 0
 
 
