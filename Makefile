@@ -1,31 +1,36 @@
 # make test   — the test suite (CPU: the real Triton kernels through TRITON_INTERPRET=1)
 # make bench  — the main job: the benchmark against cuDNN on a GPU; without CUDA, a
 #               correctness self-check against torch that says timings need a GPU
-# Both create .venv on first use. With a CUDA GPU, the venv sees the system's torch and
-# triton (--system-site-packages) and installs nothing from the network.
+# Both create .venv on first use (CPU: requirements/cpu.txt); on a GPU machine that already
+# has torch and triton they use its interpreter and install nothing.
 PYTHON ?= python3
 VENV   ?= .venv
-PY     := $(VENV)/bin/python
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# A GPU machine whose interpreter already has torch and triton (the device image) is used as
+# it is: a venv made from it would not see its packages, and it has no network to fetch them.
+HAS_STACK := $(shell $(PYTHON) -c "import torch, triton" >/dev/null 2>&1 && echo 1)
+
+ifeq ($(HAS_GPU)$(HAS_STACK),11)
+PY    := PYTHONPATH=$(CURDIR) $(PYTHON)
+READY :=
+else
+PY    := $(VENV)/bin/python
+READY := $(VENV)/.ready
+endif
 
 .PHONY: test bench clean
 
 $(VENV)/.ready: setup.py requirements/cpu.txt
-ifeq ($(HAS_GPU),1)
-	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-else
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements/cpu.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-endif
+	$(VENV)/bin/python -m pip install -q -r requirements/cpu.txt
+	$(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # Two workers where pytest-xdist is installed (requirements/cpu.txt has it).
-test: $(VENV)/.ready
+test: $(READY)
 	$(PY) -m pytest -q -p no:cacheprovider $$($(PY) -c 'import xdist' 2>/dev/null && echo '-n 2') tests
 
-bench: $(VENV)/.ready
+bench: $(READY)
 	$(PY) bench/main.py
 
 clean:

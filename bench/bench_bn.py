@@ -143,6 +143,11 @@ def run(args) -> list[dict]:
                      provider="torch", median_ms=med, p20_ms=p20, p80_ms=p80,
                      gbps=nbytes / med / 1e6, **meta))
     del copy_src, copy_dst
+    try:  # a progress bar where tqdm is installed; a line per job either way
+        from tqdm import tqdm
+        progress = tqdm(total=len(jobs), desc="bench_bn", file=sys.stderr)
+    except ImportError:
+        progress = None
     for i, (op, layout, dname, (c, h, w)) in enumerate(jobs, 1):
         dtype = DTYPES[dname]
         shape = (args.batch, c, h, w)
@@ -159,6 +164,10 @@ def run(args) -> list[dict]:
         print(f"[{i}/{len(jobs)}] {op} {layout} {dname} {shape}: " + ", ".join(
             f"{r['provider']} {r['median_ms']:.3f} ms" for r in rows[-len(providers):]),
             flush=True)
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.close()
     return rows
 
 

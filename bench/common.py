@@ -1,4 +1,5 @@
 """What every benchmark row carries: the device, versions and commit it was measured at."""
+import os
 import platform
 import subprocess
 
@@ -6,6 +7,9 @@ import torch
 
 
 def commit() -> str:
+    """The commit measured: BNKERNELS_COMMIT where the tree travelled without .git."""
+    if os.environ.get("BNKERNELS_COMMIT"):
+        return os.environ["BNKERNELS_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On a GPU machine, in one go: the test suite on the GPU (compiled Triton kernels), the full
+# BatchNorm benchmark, its report, and the fold benchmark, all written to one folder.
+#   bash bench/gpu_suite.sh [OUT_DIR] [extra bench_bn.py args, e.g. --quick]
+# OUT_DIR defaults to $OUT (the device tool's folder) or bench/results/gpu_run.
+# BNKERNELS_COMMIT names the commit where the tree travels without .git.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-bench/results/gpu_run}}
+shift || true
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  echo "commit ${BNKERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
+} > "$out/env.txt" 2>&1
+"$py" -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log"
+tests_rc=${PIPESTATUS[0]}
+"$py" bench/bench_bn.py --out "$out" "$@" 2>&1 | tee "$out/bench.log"
+"$py" bench/report.py "$out/bn.csv"
+"$py" bench/bench_fold.py --out "$out" 2>&1 | tee -a "$out/bench.log"
+echo "tests exit code: $tests_rc" | tee -a "$out/env.txt"

@@ -1,0 +1,146 @@
+"""bn.csv -> bn.md (speedups over torch, % of the run's copy bandwidth, the targets) and
+bn.png (speedup over torch per shape).
+
+    python bench/report.py bench/results/h100/bn.csv
+
+Only the rows of the newest run in the file are used (the last commit + device that appended
+rows), so an appended-to CSV keeps its history without mixing runs.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# The benchmark issue's targets, checked against the torch provider.
+TARGET_GEOMEAN = {"fwd_train": 1.3, "bwd": 1.3, "fwd_eval": 1.0}
+TARGET_WORST = 0.95
+TARGET_BANDWIDTH = 0.85
+LARGE_BYTES = 64 * 2**20
+ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def load_last_run(path: Path):
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    last = (rows[-1]["commit"], rows[-1]["gpu"])
+    # the newest run: the trailing rows with the last (commit, gpu)
+    run = []
+    for row in reversed(rows):
+        if (row["commit"], row["gpu"]) != last:
+            break
+        run.append(row)
+    return list(reversed(run))
+
+
+def summarize(rows):
+    """{(op, dtype, layout): {shape: {provider: median_ms}}}, the copy GB/s, the run's meta."""
+    copy_gbps = next(float(r["gbps"]) for r in rows if r["op"] == "copy")
+    table = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r["op"] == "copy":
+            continue
+        shape = (int(r["N"]), int(r["C"]), int(r["H"]), int(r["W"]))
+        table[(r["op"], r["dtype"], r["layout"])][shape][r["provider"]] = (
+            float(r["median_ms"]), float(r["gbps"]))
+    return table, copy_gbps
+
+
+def markdown(rows) -> str:
+    table, copy_gbps = summarize(rows)
+    meta = rows[0]
+    out = [f"# BatchNorm benchmark: {meta['gpu']}",
+           "",
+           f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+           f"commit {meta['commit']}. Copy bandwidth of this run: {copy_gbps:.0f} GB/s.",
+           "Speedup = torch median / provider median; % copy = the provider's GB/s (3 tensor "
+           "sizes for fwd_train, 5 for bwd, 2 for fwd_eval) over the copy's.", ""]
+    verdicts = []
+    for (op, dtype, layout), shapes in sorted(table.items()):
+        providers = sorted({p for by_provider in shapes.values() for p in by_provider})
+        out += [f"## {op} {dtype} {layout}", "",
+                "| N,C,H,W | " + " | ".join(f"{p} ms (x, %copy)" for p in providers) + " |",
+                "|---|" + "---|" * len(providers)]
+        speedups = defaultdict(list)
+        for shape, by_provider in sorted(shapes.items(), key=lambda kv: -kv[0][1] * kv[0][2]):
+            base = by_provider["torch"][0]
+            cells = []
+            for p in providers:
+                ms, gbps = by_provider[p]
+                speedups[p].append(base / ms)
+                cells.append(f"{ms:.3f} ({base / ms:.2f}x, {100 * gbps / copy_gbps:.0f}%)")
+            out.append(f"| {','.join(map(str, shape))} | " + " | ".join(cells) + " |")
+        out.append("| geomean speedup | " + " | ".join(
+            f"{_geomean(speedups[p]):.2f}x" for p in providers) + " |")
+        out.append("")
+        ours = speedups.get("bnkernels_triton")
+        if ours:
+            ok = (_geomean(ours) >= TARGET_GEOMEAN[op] and min(ours) >= TARGET_WORST and
+                  ("inductor" not in speedups or _geomean(ours) >= _geomean(speedups["inductor"])))
+            verdicts.append(f"- {op} {dtype} {layout}: geomean {_geomean(ours):.2f}x "
+                            f"(target {TARGET_GEOMEAN[op]}x), worst {min(ours):.2f}x: "
+                            f"{'meets' if ok else 'MISSES'} the target")
+    large = [(r, float(r["gbps"]) / copy_gbps) for r in rows
+             if r["op"] != "copy" and r["provider"] == "bnkernels_triton"
+             and int(r["N"]) * int(r["C"]) * int(r["H"]) * int(r["W"]) * ELEMENT_SIZE[r["dtype"]]
+             >= LARGE_BYTES]
+    below = [f"{r['op']} {r['dtype']} {r['layout']} C={r['C']} {r['H']}x{r['W']}: {100 * f:.0f}%"
+             for r, f in large if f < TARGET_BANDWIDTH]
+    out += ["## Targets", ""] + verdicts + [
+        f"- tensors >= 64 MB at >= {100 * TARGET_BANDWIDTH:.0f}% of copy bandwidth: "
+        + ("all" if not below else f"{len(below)} of {len(large)} below: " + "; ".join(below))]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    table, _ = summarize(rows)
+    groups = sorted(table)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 2.6 * len(groups)), squeeze=False)
+    for ax, key in zip(axes[:, 0], groups):
+        shapes = sorted(table[key], key=lambda s: -s[1] * s[2])
+        providers = [p for p in sorted({p for s in shapes for p in table[key][s]}) if p != "torch"]
+        width = 0.8 / max(1, len(providers))
+        for i, p in enumerate(providers):
+            ys = [table[key][s]["torch"][0] / table[key][s][p][0] for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=p)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+        ax.set_xticklabels([f"{s[1]}x{s[2]}x{s[3]}" for s in shapes], fontsize=7)
+        ax.set_ylabel("speedup vs torch")
+        ax.set_title(" ".join(key), fontsize=9)
+        ax.legend(fontsize=7, ncol=len(providers))
+    meta = rows[0]
+    fig.suptitle(f"BatchNorm, N={meta['N'] if meta['op'] != 'copy' else rows[1]['N']}, "
+                 f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
+                 f"commit {meta['commit']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    csv_path = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results" / "h100" / "bn.csv"
+    rows = load_last_run(csv_path)
+    md = csv_path.with_suffix(".md")
+    md.write_text(markdown(rows))
+    drew = plot(rows, csv_path.with_suffix(".png"))
+    print(f"wrote {md}" + (f" and {csv_path.with_suffix('.png')}" if drew else " (no matplotlib: no plot)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
