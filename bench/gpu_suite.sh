@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one go: the test suite on the GPU (compiled Triton kernels), the full
-# BatchNorm benchmark, its report, and the fold benchmark, all written to one folder.
+# BatchNorm benchmark and its report, the fold and training-step benchmarks, and
+# compute-sanitizer memcheck/racecheck, all written to one folder, in 8 files (the device
+# tool's limit): env.txt, tests.log (+ sanitizer), bench.log, bn.csv/.md/.png, fold.csv, train.csv.
 #   bash bench/gpu_suite.sh [OUT_DIR] [extra bench_bn.py args, e.g. --quick]
 # OUT_DIR defaults to $OUT (the device tool's folder) or bench/results/gpu_run.
 # BNKERNELS_COMMIT names the commit where the tree travels without .git.
@@ -21,4 +23,9 @@ tests_rc=${PIPESTATUS[0]}
 "$py" bench/bench_bn.py --out "$out" "$@" 2>&1 | tee "$out/bench.log"
 "$py" bench/report.py "$out/bn.csv"
 "$py" bench/bench_fold.py --out "$out" 2>&1 | tee -a "$out/bench.log"
+"$py" bench/bench_train.py --out "$out" 2>&1 | tee -a "$out/bench.log"
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool "$tool" --error-exitcode 1 "$py" bench/sanitize.py >> "$out/tests.log" 2>&1
+  echo "compute-sanitizer $tool exit code: $?" | tee -a "$out/env.txt"
+done
 echo "tests exit code: $tests_rc" | tee -a "$out/env.txt"

@@ -10,8 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if __name__ == "__main__":
     if torch.cuda.is_available():
         import bench_bn
+        import common
+        import report
 
-        sys.exit(bench_bn.main(sys.argv[1:]))
+        code = bench_bn.main(sys.argv[1:])
+        results = Path(__file__).resolve().parent / "results" / common.results_dir_name("cuda")
+        sys.exit(code or report.main([str(results / "bn.csv")]))
     from bnkernels import selfcheck
 
     sys.exit(selfcheck.main())

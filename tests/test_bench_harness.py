@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_bn  # noqa: E402
+import report  # noqa: E402
 
 
 def test_smoke_run_writes_the_csv(tmp_path):
@@ -19,3 +20,15 @@ def test_smoke_run_writes_the_csv(tmp_path):
     assert seen == {(op, layout, p) for op in bench_bn.OPS for layout in ("nchw", "nhwc")
                     for p in ("bnkernels_triton", "torch", "torch_native")}
     assert all(float(r["median_ms"]) > 0 and float(r["gbps"]) > 0 for r in rows)
+
+
+def test_report_writes_the_table_and_targets(tmp_path):
+    bench_bn.main(["--smoke", "--dtypes", "float32", "--out", str(tmp_path)])
+    assert report.main([str(tmp_path / "bn.csv")]) == 0
+    md = (tmp_path / "bn.md").read_text()
+    assert "## fwd_train float32 nhwc" in md and "## Targets" in md and "geomean speedup" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "bn.png").stat().st_size > 0

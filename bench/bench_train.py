@@ -1,0 +1,94 @@
+"""End to end: a ResNet-50 training step with convert_batchnorm vs plain nn.BatchNorm2d.
+
+    python bench/bench_train.py [--batch 128] [--steps 30] [--out DIR]
+
+torchvision's ResNet-50 (bench/resnet.py's where torchvision is missing), channels_last,
+bfloat16 autocast, SGD; images/s over the timed steps after warm-up, and the peak memory.
+Rows are appended to DIR/train.csv (DIR defaults to bench/results/<gpu>/).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bnkernels  # noqa: E402
+import common  # noqa: E402
+from bench_fold import resnet50  # noqa: E402
+
+COLUMNS = ["model", "variant", "batch", "images_per_s", "step_ms", "peak_mem_gb", "device",
+           "torch", "triton", "commit"]
+
+
+def images_per_second(model, batch, steps, warmup, device):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (batch,), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = loss_fn(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return batch * steps / seconds, 1e3 * seconds / steps, peak
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    base, name = resnet50()
+    base = base.to(args.device).to(memory_format=torch.channels_last)
+    meta = dict(device=common.device_name(args.device), torch=torch.__version__,
+                triton=common.triton_version(), commit=common.commit())
+    out = args.out or Path(__file__).resolve().parent / "results" / common.results_dir_name(args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for variant in ("torch_batchnorm", "bnkernels"):
+        model = copy.deepcopy(base)
+        if variant == "bnkernels":
+            model = bnkernels.convert_batchnorm(model)
+        ips, ms, peak = images_per_second(model, args.batch, args.steps, args.warmup, args.device)
+        rows.append(dict(model=name, variant=variant, batch=args.batch, images_per_s=ips,
+                         step_ms=ms, peak_mem_gb=peak, **meta))
+        print(f"{variant}: {ips:.1f} images/s, {ms:.1f} ms/step, peak {peak:.2f} GB", flush=True)
+        del model
+    path = out / "train.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
+    print(f"rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
