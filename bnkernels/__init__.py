@@ -4,6 +4,7 @@
     bnkernels.batch_norm                                 like torch.nn.functional.batch_norm
     bnkernels.convert_batchnorm(model)                   swap a model's BatchNorm modules
     bnkernels.fold_conv_bn(model)                        fold eval BatchNorms into the layer before
+    bnkernels.SyncBatchNorm                              statistics over a process group
 
 Backend: BNKERNELS_BACKEND = auto | triton | torch (see bnkernels/backend.py).
 """
@@ -11,8 +12,9 @@ from .convert import convert_batchnorm
 from .fold import FoldReport, fold_conv_bn
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync_batch_norm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FoldReport", "batch_norm",
-           "convert_batchnorm", "fold_conv_bn"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FoldReport", "SyncBatchNorm",
+           "batch_norm", "convert_batchnorm", "fold_conv_bn"]

@@ -12,12 +12,13 @@ _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d}
 
 
-def _converted(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
-    cls = _REPLACEMENTS[type(bn)]
+def converted(bn: nn.modules.batchnorm._BatchNorm, cls: type, **kwargs) -> nn.Module:
+    """A cls instance holding bn's very Parameter and buffer objects, flags and mode."""
     # Built on the meta device (nothing allocated), then handed the originals' tensors.
-    extra = {"bias": False} if bn.affine and bn.bias is None else {}
+    if bn.affine and bn.bias is None:
+        kwargs["bias"] = False
     new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-              device="meta", **extra)
+              device="meta", **kwargs)
     for name in ("weight", "bias"):
         if name in new._parameters:
             new._parameters[name] = bn._parameters[name]
@@ -36,7 +37,7 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     kept. Children are replaced in place; the returned module is module unless module is
     itself a BatchNorm."""
     if type(module) in _REPLACEMENTS:
-        return _converted(module)
+        return converted(module, _REPLACEMENTS[type(module)])
     for name, child in module.named_children():
         new_child = convert_batchnorm(child)
         if new_child is not child:

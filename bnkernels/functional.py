@@ -12,12 +12,13 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.bnkernels)
-from .layout import acc_dtype, ncs_shape
+from .layout import ncs_shape
 
 
 def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
                           running_var: Optional[Tensor], weight: Optional[Tensor],
-                          bias: Optional[Tensor], training: bool, eps: float) -> None:
+                          bias: Optional[Tensor], training: bool, eps: float,
+                          local_count_check: bool = True) -> None:
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
     if not input.is_floating_point():
@@ -40,21 +41,22 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if training and n * s == 1:
+    if training and local_count_check and n * s == 1:  # SyncBatchNorm counts globally
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {input.size()}")
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         count: int, momentum: Optional[float],
+                         count, momentum: Optional[float],
                          num_batches_tracked: Optional[Tensor]) -> None:
     """running = (1 - f) * running + f * batch, with the unbiased batch variance.
 
+    count: the values per channel, an int, or a tensor (SyncBatchNorm's global count).
     f = momentum, or 1 / num_batches_tracked (cumulative average) when momentum is None:
     then f is computed on the device, with no host synchronisation (torch's module reads
     num_batches_tracked on the host here).
     """
-    acc = acc_dtype(mean.dtype)
+    acc = mean.dtype
     if momentum is None:
         factor = num_batches_tracked.to(acc).reciprocal()
     else:

@@ -78,3 +78,30 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd, _grad_var):
 
 
 batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The pieces SyncBatchNorm composes around its collectives (no autograd of their own: its
+# autograd.Function calls them).
+
+@torch.library.custom_op("bnkernels::batch_norm_stats", mutates_args=())
+def batch_norm_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(mean, biased var) per channel, in the accumulation dtype."""
+    return backend.select(x).batch_stats(x)
+
+
+@batch_norm_stats.register_fake
+def _(x):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
+
+
+@torch.library.custom_op("bnkernels::batch_norm_input_grad", mutates_args=())
+def batch_norm_input_grad(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+                          var: Tensor, mean_g: Tensor, mean_gx: Tensor, eps: float) -> Tensor:
+    """dx = gamma*rstd*(g - mean_g - xhat*mean_gx), rstd = 1/sqrt(var + eps)."""
+    return backend.select(x).input_grad(grad_y, x, weight, mean, var, mean_g, mean_gx, eps)
+
+
+@batch_norm_input_grad.register_fake
+def _(grad_y, x, weight, mean, var, mean_g, mean_gx, eps):
+    return alloc_output(x)

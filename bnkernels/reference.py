@@ -79,3 +79,26 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     if not need_sums:
         return dx, empty, empty.clone()
     return dx, sum_g, sum_gx
+
+
+def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) per channel, as triton_batch_norm.batch_stats."""
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+        return zeros, zeros.clone()
+    var, mean = torch.var_mean(x.to(acc), dim=_reduce_dims(x), correction=0)
+    return mean, var
+
+
+def input_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+               mean: torch.Tensor, var: torch.Tensor, mean_g: torch.Tensor,
+               mean_gx: torch.Tensor, eps: float) -> torch.Tensor:
+    """dx through statistics given from outside, as triton_batch_norm.input_grad."""
+    mean, rstd = _mean_rstd(x, mean, var, False, eps)
+    xhat = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(rstd, x)
+    scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
+    g = grad_out.to(rstd.dtype) - _per_channel(mean_g, x) - xhat * _per_channel(mean_gx, x)
+    dx = alloc_output(x)
+    dx.copy_(g * _per_channel(scale, x))
+    return dx

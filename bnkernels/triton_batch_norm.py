@@ -205,7 +205,7 @@ def _merge_kernel(
 @triton.jit
 def _apply_kernel(
     x_ptr, g_ptr, out_ptr, mean_ptr, stat_ptr, weight_ptr, bias_ptr, sum_g_ptr, sum_gx_ptr,
-    C, S, R, rows_per_split, eps,
+    C, S, R, rows_per_split, eps, sum_count,
     sxN, sxC, sxS, sgN, sgC, sgS, soN, soC, soS,
     BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -215,8 +215,10 @@ def _apply_kernel(
     """The elementwise pass, one read of each input and one write.
 
     Forward:   y  = (x - mean) * (gamma * rstd) + beta
-    Backward, batch statistics (the direct, mean and variance paths), m = R:
+    Backward, batch statistics (the direct, mean and variance paths):
                dx = gamma * rstd * (g - sum(g)/m - xhat * sum(g*xhat)/m)
+               m = sum_count: R here; SyncBatchNorm passes the global means, already
+               divided by the global count, with sum_count = 1 (an int: exact in float64)
     Backward, running statistics (mean and rstd are constants):
                dx = gamma * rstd * g
     (x - mean) is formed before scaling: for |mean| >> std, x*a + b would cancel.
@@ -230,8 +232,8 @@ def _apply_kernel(
         scale = rstd
     if BACKWARD:
         if BATCH_STATS:
-            mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) / R
-            mean_gx = tl.load(sum_gx_ptr + c, mask=c_mask, other=0.0) / R
+            mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) / sum_count
+            mean_gx = tl.load(sum_gx_ptr + c, mask=c_mask, other=0.0) / sum_count
     else:
         if HAS_BIAS:
             shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
@@ -330,7 +332,7 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     sx = call.layout.strides[0]
     _launch(_apply_kernel, call.grid, x, x, y, *stats_src,
             weight if weight is not None else x, bias if bias is not None else x, x, x,
-            call.c, call.s, call.rows, call.plan.rows_per_split, eps,
+            call.c, call.s, call.rows, call.plan.rows_per_split, eps, 1,
             *sx, *sx, *call.layout.strides[1],
             **call.meta(BACKWARD=False, BATCH_STATS=training, FROM_RUNNING=not training,
                         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None))
@@ -356,13 +358,44 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         sum_g, sum_gx = call.reduce(x, grad_out, mean, stat, eps, backward=True,
                                     from_running=not training)
     if need_dx:
-        strides = call.layout.strides
-        _launch(_apply_kernel, call.grid, x, grad_out, dx, mean, stat,
-                weight if weight is not None else x, x, sum_g, sum_gx,
-                call.c, call.s, call.rows, call.plan.rows_per_split, eps,
-                *strides[0], *strides[1], *strides[2],
-                **call.meta(BACKWARD=True, BATCH_STATS=training, FROM_RUNNING=not training,
-                            HAS_WEIGHT=weight is not None, HAS_BIAS=False))
+        _input_grad(call, grad_out, x, dx, weight, mean, stat, sum_g, sum_gx, eps,
+                    call.rows, batch_stats=training, from_running=not training)
     if not need_sums:
         sum_g, sum_gx = empty, empty.clone()
     return dx, sum_g, sum_gx
+
+
+def _input_grad(call, grad_out, x, dx, weight, mean, stat, sum_g, sum_gx, eps, sum_count,
+                batch_stats, from_running):
+    strides = call.layout.strides
+    _launch(_apply_kernel, call.grid, x, grad_out, dx, mean, stat,
+            weight if weight is not None else x, x, sum_g, sum_gx,
+            call.c, call.s, call.rows, call.plan.rows_per_split, eps, sum_count,
+            *strides[0], *strides[1], *strides[2],
+            **call.meta(BACKWARD=True, BATCH_STATS=batch_stats, FROM_RUNNING=from_running,
+                        HAS_WEIGHT=weight is not None, HAS_BIAS=False))
+
+
+def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) per channel, in the accumulation dtype (zeros for an empty x)."""
+    if x.numel() == 0:
+        zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
+        return zeros, zeros.clone()
+    x = kernel_ready(x)
+    mean, _, var = _Launch(x).reduce(x, x, x, x, 1.0, backward=False, from_running=False)
+    return mean, var
+
+
+def input_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+               mean: torch.Tensor, var: torch.Tensor, mean_g: torch.Tensor,
+               mean_gx: torch.Tensor, eps: float) -> torch.Tensor:
+    """dx through batch statistics given from outside (SyncBatchNorm): mean/var the global
+    statistics, mean_g/mean_gx the global sum(g)/m and sum(g*xhat)/m."""
+    dx = alloc_output(x)
+    if x.numel() == 0:
+        return dx
+    x, grad_out = kernel_ready(x), kernel_ready(grad_out)
+    call = _Launch(x, grad_out, dx)
+    _input_grad(call, grad_out, x, dx, weight, mean, var, mean_g, mean_gx, eps, 1,
+                batch_stats=True, from_running=True)
+    return dx
