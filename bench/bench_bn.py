@@ -19,7 +19,6 @@ Rows are appended to DIR/bn.csv (DIR defaults to bench/results/<gpu>/), one line
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -172,15 +171,10 @@ def run(args) -> list[dict]:
 
 
 def write(rows, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bn.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
+    with common.csv_rows(path, COLUMNS) as emit:
         for row in rows:
-            writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
+            emit(row)
     return path
 
 

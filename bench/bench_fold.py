@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 import sys
 import time
@@ -122,18 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or Path(__file__).resolve().parent / "results" / common.results_dir_name(args.device)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "fold.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-
-        def emit(row):  # each row as soon as it is measured: a long run keeps what it did
-            writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
-            f.flush()
-
+    with common.csv_rows(path, COLUMNS) as emit:
         run(args, emit)
     print(f"rows appended to {path}")
     return 0

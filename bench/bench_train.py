@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from pathlib import Path
@@ -79,13 +78,9 @@ def main(argv=None) -> int:
         print(f"{variant}: {ips:.1f} images/s, {ms:.1f} ms/step, peak {peak:.2f} GB", flush=True)
         del model
     path = out / "train.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
+    with common.csv_rows(path, COLUMNS) as emit:
         for row in rows:
-            writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
+            emit(row)
     print(f"rows appended to {path}")
     return 0
 

@@ -1,4 +1,6 @@
 """What every benchmark row carries: the device, versions and commit it was measured at."""
+import contextlib
+import csv
 import os
 import platform
 import subprocess
@@ -40,3 +42,21 @@ def results_dir_name(device: str) -> str:
         if tag in name:
             return tag.lower()
     return device_name(device).lower()
+
+
+@contextlib.contextmanager
+def csv_rows(path, columns):
+    """Append rows to the CSV at path (header first if it is new): yields emit(row), which
+    writes and flushes each row at once, so a long run keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+
+        def emit(row):
+            writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
+            f.flush()
+
+        yield emit
