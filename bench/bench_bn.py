@@ -19,6 +19,7 @@ Rows are appended to DIR/bn.csv (DIR defaults to bench/results/<gpu>/), one line
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -136,7 +137,7 @@ def run(args) -> list[dict]:
     rows = []
     copy_src = torch.empty(2**28 if device == "cuda" else 2**16, device=device)
     copy_dst = torch.empty_like(copy_src)
-    med, p20, p80 = _time(lambda: copy_dst.copy_(copy_src), device)
+    med, p20, p80 = _time(functools.partial(copy_dst.copy_, copy_src), device)
     nbytes = 2 * copy_src.numel() * copy_src.element_size()
     rows.append(dict(op="copy", layout="-", dtype="float32", N=copy_src.numel(), C=1, H=1, W=1,
                      provider="torch", median_ms=med, p20_ms=p20, p80_ms=p80,
