@@ -83,7 +83,6 @@ class _Analysis:
     """Finds the safe (layer, bn) pairs of a model: pairs[bn] = layer; reasons[bn] = why not."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
         self.pairs: Dict[str, str] = {}
         self.reasons: Dict[str, str] = {}
         self.registrations = collections.Counter(

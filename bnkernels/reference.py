@@ -35,19 +35,15 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
             training: bool, eps: float) -> Tuple[torch.Tensor, ...]:
     """(y, mean, rstd, biased var); the statistics are empty in eval mode."""
     acc = acc_dtype(x.dtype)
-    c = x.shape[1]
     xa = x.to(acc)
     if training:
-        if x.numel() == 0:
-            var = mean = torch.zeros(c, dtype=acc, device=x.device)
-        else:
-            var, mean = torch.var_mean(xa, dim=_reduce_dims(x), correction=0)
+        mean, var = batch_stats(x)
         rstd = torch.rsqrt(var + eps)
         stats = (mean, rstd, var.clone())
     else:
         mean, rstd = _mean_rstd(x, running_mean, running_var, False, eps)
         stats = tuple(torch.empty(0, dtype=acc, device=x.device) for _ in range(3))
-    scale = rstd if weight is None else rstd * weight.to(acc)
+    scale = _scale(weight, rstd)
     ya = (xa - _per_channel(mean, x)) * _per_channel(scale, x)
     if bias is not None:
         ya = ya + _per_channel(bias.to(acc), x)
@@ -69,13 +65,12 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     sum_gx = (g * xhat).sum(dim=dims)
     empty = torch.empty(0, dtype=acc, device=x.device)
     dx = empty
-    if need_dx:
-        scale = rstd if weight is None else rstd * weight.to(acc)
-        if training:
-            m = max(x.numel() // max(x.shape[1], 1), 1)
-            g = g - _per_channel(sum_g / m, x) - xhat * _per_channel(sum_gx / m, x)
+    if need_dx and training:
+        m = max(x.numel() // max(x.shape[1], 1), 1)
+        dx = _three_path_dx(g, x, xhat, weight, rstd, sum_g / m, sum_gx / m)
+    elif need_dx:
         dx = alloc_output(x)
-        dx.copy_(g * _per_channel(scale, x))
+        dx.copy_(g * _per_channel(_scale(weight, rstd), x))
     if not need_sums:
         return dx, empty, empty.clone()
     return dx, sum_g, sum_gx
@@ -97,8 +92,16 @@ def input_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     """dx through statistics given from outside, as triton_batch_norm.input_grad."""
     mean, rstd = _mean_rstd(x, mean, var, False, eps)
     xhat = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(rstd, x)
-    scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    g = grad_out.to(rstd.dtype) - _per_channel(mean_g, x) - xhat * _per_channel(mean_gx, x)
+    return _three_path_dx(grad_out.to(rstd.dtype), x, xhat, weight, rstd, mean_g, mean_gx)
+
+
+def _scale(weight, rstd):
+    return rstd if weight is None else rstd * weight.to(rstd.dtype)
+
+
+def _three_path_dx(g, x, xhat, weight, rstd, mean_g, mean_gx):
+    """dx = gamma * rstd * (g - mean(g) - xhat * mean(g * xhat)), in x's layout."""
     dx = alloc_output(x)
-    dx.copy_(g * _per_channel(scale, x))
+    g = g - _per_channel(mean_g, x) - xhat * _per_channel(mean_gx, x)
+    dx.copy_(g * _per_channel(_scale(weight, rstd), x))
     return dx
