@@ -6,6 +6,8 @@ Providers: bnkernels_triton; torch (nn.functional.batch_norm, cuDNN where torch 
 torch_native (cuDNN disabled); inductor (torch.compile of the same F.batch_norm call).
 Ops: fwd_train (batch statistics + running-stat update), bwd (the backward alone),
 fwd_eval, and one `copy` row per run (a device-to-device copy: the bandwidth ceiling).
+--ops bnrelu_fwd_train,bnrelu_bwd,bnaddrelu_fwd_train,bnaddrelu_bwd: the fused epilogues
+relu(bn(x)) and relu(bn(x) + r), fused in bnkernels_triton, separate ops elsewhere.
 
 Timing: triton.testing.do_bench (it flushes L2 before every repetition), median with the
 20th/80th percentiles; each provider gets fresh inputs, and its output is checked against
@@ -39,7 +41,14 @@ RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (
 QUICK_SHAPES = [(64, 112, 112), (256, 56, 56), (2048, 7, 7)]
 PROVIDERS = ["bnkernels_triton", "torch", "torch_native", "inductor"]
 OPS = ["fwd_train", "bwd", "fwd_eval"]
-TENSORS_MOVED = {"fwd_train": 3, "bwd": 5, "fwd_eval": 2, "copy": 2}
+# Fused epilogues: relu(bn(x)) and relu(bn(x) + r); bnkernels_triton runs them fused, the
+# other providers as torch's separate ops (inductor: torch.compile of those ops).
+FUSED_OPS = ["bnrelu_fwd_train", "bnrelu_bwd", "bnaddrelu_fwd_train", "bnaddrelu_bwd"]
+# Tensor sizes the fused kernels move (x read twice in training; the residual once more
+# per pass, and its gradient written): the GB/s of every provider counts these.
+TENSORS_MOVED = {"fwd_train": 3, "bwd": 5, "fwd_eval": 2, "copy": 2,
+                 "bnrelu_fwd_train": 3, "bnrelu_bwd": 5, "bnaddrelu_fwd_train": 4,
+                 "bnaddrelu_bwd": 8}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -62,20 +71,30 @@ class _Case:
         self.grad = torch.randn(shape, generator=gen, device=device).to(dtype)
         self.grad = self.grad.contiguous(memory_format=fmt)
         training = op != "fwd_eval"
-        if provider == "bnkernels_triton":
+        fused = op.startswith("bn")
+        self.residual = None
+        if op.startswith("bnaddrelu"):
+            self.residual = torch.randn(shape, generator=gen, device=device).to(dtype)
+            self.residual = self.residual.contiguous(memory_format=fmt)
+        if provider == "bnkernels_triton" and fused:
+            fn = functools.partial(bnkernels.batch_norm, activation="relu",
+                                   residual=self.residual)
+        elif provider == "bnkernels_triton":
             fn = bnkernels.batch_norm
-        elif provider == "inductor":
-            fn = torch.compile(F.batch_norm)
         else:
-            fn = F.batch_norm
+            fn = functools.partial(_unfused, residual=self.residual) if fused else F.batch_norm
+            if provider == "inductor":
+                fn = torch.compile(fn)
         self.provider, self.op = provider, op
 
         def forward(x):
             return fn(x, self.rm, self.rv, self.weight, self.bias, training, 0.1, 1e-5)
 
         self.forward = forward
-        if op == "bwd":
-            for t in (self.x, self.weight, self.bias):
+        self.leaves = (self.x, self.weight, self.bias) + (
+            (self.residual,) if self.residual is not None else ())
+        if op.endswith("bwd"):
+            for t in self.leaves:
                 t.requires_grad_(True)
             self.y = self._guarded(lambda: forward(self.x))
 
@@ -86,19 +105,27 @@ class _Case:
             return call()
 
     def timed_call(self):
-        if self.op == "bwd":
+        if self.op.endswith("bwd"):
             return lambda: self._guarded(lambda: torch.autograd.grad(
-                self.y, (self.x, self.weight, self.bias), self.grad, retain_graph=True))
+                self.y, self.leaves, self.grad, retain_graph=True))
         return lambda: self._guarded(lambda: self.forward(self.x))
 
     def output(self):
-        """What is compared with torch: y, or (dx, dweight, dbias)."""
-        if self.op == "bwd":  # (torch's backward saved the running stats: leave them be)
+        """What is compared with torch: y, or (dx, dweight, dbias[, dresidual])."""
+        if self.op.endswith("bwd"):  # (torch's backward saved the running stats: leave them be)
             return self.timed_call()()
         rm, rv = self.rm.clone(), self.rv.clone()
         out = self.timed_call()()
         self.rm.copy_(rm), self.rv.copy_(rv)
         return (out,)
+
+
+def _unfused(x, rm, rv, weight, bias, training, momentum, eps, residual=None):
+    """torch's separate ops: batch_norm, (add,) relu."""
+    y = F.batch_norm(x, rm, rv, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y)
 
 
 def _time(fn, device):
@@ -132,7 +159,11 @@ def run(args) -> list[dict]:
     meta = dict(gpu=common.device_name(device), torch=torch.__version__,
                 triton=common.triton_version(), cuda=torch.version.cuda or "none",
                 commit=common.commit())
-    jobs = [(op, layout, dname, chw) for op in OPS for layout in args.layouts.split(",")
+    ops = [op for op in args.ops.split(",") if op]
+    unknown = set(ops) - set(OPS + FUSED_OPS)
+    if unknown:
+        raise SystemExit(f"unknown --ops {sorted(unknown)}; choose from {OPS + FUSED_OPS}")
+    jobs = [(op, layout, dname, chw) for op in ops for layout in args.layouts.split(",")
             for dname in args.dtypes.split(",") for chw in shapes]
     rows = []
     copy_src = torch.empty(2**28 if device == "cuda" else 2**16, device=device)
@@ -187,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--layouts", default="nchw,nhwc")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help="comma list of " + ", ".join(OPS + FUSED_OPS))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.smoke:

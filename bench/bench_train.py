@@ -1,6 +1,10 @@
 """End to end: a ResNet-50 training step with convert_batchnorm vs plain nn.BatchNorm2d.
 
-    python bench/bench_train.py [--batch 128] [--steps 30] [--out DIR]
+    python bench/bench_train.py [--batch 128] [--steps 30] [--out DIR] [--variants a,b]
+
+Variants: torch_batchnorm (the model as built), bnkernels (convert_batchnorm),
+bnkernels_fused (convert_batchnorm(fuse=True): BN+ReLU and BN+add+ReLU fused), and the
+"+compile" form of each (torch.compile of that model, default inductor).
 
 torchvision's ResNet-50 (bench/resnet.py's where torchvision is missing), channels_last,
 bfloat16 autocast, SGD; images/s over the timed steps after warm-up, and the peak memory.
@@ -21,6 +25,8 @@ import bnkernels  # noqa: E402
 import common  # noqa: E402
 from bench_fold import resnet50  # noqa: E402
 
+VARIANTS = ["torch_batchnorm", "bnkernels", "bnkernels_fused", "torch_batchnorm+compile",
+            "bnkernels_fused+compile"]
 COLUMNS = ["model", "variant", "batch", "images_per_s", "step_ms", "peak_mem_gb", "device",
            "torch", "triton", "commit"]
 
@@ -60,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args(argv)
     base, name = resnet50()
     base = base.to(args.device).to(memory_format=torch.channels_last)
@@ -68,10 +75,17 @@ def main(argv=None) -> int:
     out = args.out or Path(__file__).resolve().parent / "results" / common.results_dir_name(args.device)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for variant in ("torch_batchnorm", "bnkernels"):
+    for variant in args.variants.split(","):
         model = copy.deepcopy(base)
-        if variant == "bnkernels":
+        kind = variant.removesuffix("+compile")
+        if kind == "bnkernels":
             model = bnkernels.convert_batchnorm(model)
+        elif kind == "bnkernels_fused":
+            model = bnkernels.convert_batchnorm(model, fuse=True)
+        elif kind != "torch_batchnorm":
+            raise SystemExit(f"unknown variant {variant!r}")
+        if variant.endswith("+compile"):
+            model = torch.compile(model)
         ips, ms, peak = images_per_second(model, args.batch, args.steps, args.warmup, args.device)
         rows.append(dict(model=name, variant=variant, batch=args.batch, images_per_s=ips,
                          step_ms=ms, peak_mem_gb=peak, **meta))

@@ -21,6 +21,9 @@ py=${PYTHON:-python3}
 "$py" -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
 "$py" bench/bench_bn.py --out "$out" "$@" 2>&1 | tee "$out/bench.log"
+# the fused epilogues (BN+ReLU, BN+add+ReLU) vs torch's separate ops, appended to bn.csv
+"$py" bench/bench_bn.py --out "$out" --ops bnrelu_fwd_train,bnrelu_bwd,bnaddrelu_fwd_train,bnaddrelu_bwd \
+  --dtypes bfloat16,float32 --layouts nhwc,nchw "$@" 2>&1 | tee -a "$out/bench.log"
 "$py" bench/report.py "$out/bn.csv"
 "$py" bench/bench_fold.py --out "$out" 2>&1 | tee -a "$out/bench.log"
 "$py" bench/bench_train.py --out "$out" 2>&1 | tee -a "$out/bench.log"

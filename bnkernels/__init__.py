@@ -1,8 +1,9 @@
 """bnkernels: fused Batch Normalization kernels for PyTorch, in Triton.
 
     bnkernels.BatchNorm1d / BatchNorm2d / BatchNorm3d   drop-in nn.BatchNorm* subclasses
+    bnkernels.BatchNormAct1d / 2d / 3d                   BatchNorm + activation (+ residual), fused
     bnkernels.batch_norm                                 like torch.nn.functional.batch_norm
-    bnkernels.convert_batchnorm(model)                   swap a model's BatchNorm modules
+    bnkernels.convert_batchnorm(model, fuse=False)       swap a model's BatchNorm modules
     bnkernels.fold_conv_bn(model)                        fold eval BatchNorms into the layer before
     bnkernels.SyncBatchNorm                              statistics over a process group
 
@@ -11,10 +12,12 @@ Backend: BNKERNELS_BACKEND = auto | triton | torch (see bnkernels/backend.py).
 from .convert import convert_batchnorm
 from .fold import FoldReport, fold_conv_bn
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
+                      BatchNormAct3d)
 from .sync_batch_norm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FoldReport", "SyncBatchNorm",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
+           "BatchNormAct3d", "FoldReport", "SyncBatchNorm",
            "batch_norm", "convert_batchnorm", "fold_conv_bn"]

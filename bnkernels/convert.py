@@ -31,11 +31,18 @@ def converted(bn: nn.modules.batchnorm._BatchNorm, cls: type, **kwargs) -> nn.Mo
     return new
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
+def convert_batchnorm(module: nn.Module, fuse: bool = False) -> nn.Module:
     """Every nn.BatchNorm1d/2d/3d in module, at any depth, replaced by the bnkernels class
     (module itself if it is one). Parameters, buffers, training flag, device and dtype are
     kept. Children are replaced in place; the returned module is module unless module is
-    itself a BatchNorm."""
+    itself a BatchNorm.
+
+    fuse=True: also fuse each BN's activation (and residual add) into one BatchNormAct op
+    with a torch.fx pass (fuse.py); the result is then a new fx.GraphModule sharing the
+    model's Parameters and buffers, and the model itself is left unchanged."""
+    if fuse:
+        from .fuse import fuse_batchnorm  # fuse.py builds on this module
+        return fuse_batchnorm(module)
     if type(module) in _REPLACEMENTS:
         return converted(module, _REPLACEMENTS[type(module)])
     for name, child in module.named_children():

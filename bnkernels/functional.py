@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.bnkernels)
+from . import activations, ops  # noqa: F401  (ops registers torch.ops.bnkernels)
 from .layout import ncs_shape
 
 
@@ -46,6 +46,26 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
                          f"got input size {input.size()}")
 
 
+def check_epilogue_args(input: Tensor, activation: Optional[str],
+                        residual: Optional[Tensor]) -> None:
+    """The fused epilogue's arguments: a known activation; a residual exactly like input
+    (no broadcasting, no type promotion: the kernel adds it element for element)."""
+    activations.check(activation)
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor or None, not {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise RuntimeError(f"residual must have the input's shape {tuple(input.shape)}, "
+                           f"got {tuple(residual.shape)}")
+    if residual.dtype != input.dtype:
+        raise RuntimeError(f"residual must have the input's dtype {input.dtype}, "
+                           f"got {residual.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError("Expected all tensors to be on the same device, but residual is "
+                           f"on {residual.device} and input is on {input.device}")
+
+
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                          count, momentum: Optional[float],
                          num_batches_tracked: Optional[Tensor]) -> None:
@@ -73,10 +93,12 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 def batch_norm_impl(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                     momentum: Optional[float], eps: float,
-                    num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+                    num_batches_tracked: Optional[Tensor] = None,
+                    activation: Optional[str] = None,
+                    residual: Optional[Tensor] = None) -> Tensor:
     """batch_norm after the checks; momentum=None takes f from num_batches_tracked."""
     y, mean, _, var = torch.ops.bnkernels.batch_norm_fwd(
-        input, weight, bias, running_mean, running_var, training, eps)
+        input, weight, bias, running_mean, running_var, training, eps, activation, residual)
     n, _, s = ncs_shape(input)
     # An empty batch leaves the running statistics alone (as torch does).
     if training and running_mean is not None and n * s > 0:
@@ -87,12 +109,18 @@ def batch_norm_impl(input: Tensor, running_mean: Optional[Tensor], running_var: 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+               activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
     """Batch Normalization over the channel dim 1 of an (N, C, *) input, like
     torch.nn.functional.batch_norm. training=True normalizes with batch statistics and, if
-    running_mean/running_var are given, updates them in place with momentum."""
+    running_mean/running_var are given, updates them in place with momentum.
+
+    Fused epilogue: the result is activation(bn(input) + residual), in the same pass;
+    activation "relu", "silu", "gelu" (erf form) or None, residual a tensor like input or
+    None. The gradient reaches residual too."""
     if momentum is None:  # torch's op takes a float; the modules' None goes through batch_norm_impl
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    check_epilogue_args(input, activation, residual)
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training,
-                           momentum, eps)
+                           momentum, eps, activation=activation, residual=residual)

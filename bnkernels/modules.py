@@ -1,19 +1,27 @@
-"""bnkernels.BatchNorm1d/2d/3d: the torch classes with bnkernels' forward.
+"""bnkernels.BatchNorm1d/2d/3d: the torch classes with bnkernels' forward, and
+BatchNormAct1d/2d/3d: the same with a fused activation (and residual) epilogue.
 
 Subclassing the torch classes gives the same constructor, parameters, buffers,
 state_dict keys, repr and input-dimension checks; only forward changes.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
-from .functional import batch_norm_impl, check_batch_norm_args
+from . import activations
+from .functional import batch_norm_impl, check_batch_norm_args, check_epilogue_args
 
 
 class _BatchNormForward:
     """forward() for the subclasses of torch's _BatchNorm below; mirrors torch's logic."""
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._fused_forward(input, None, None)
+
+    def _fused_forward(self, input: Tensor, activation: Optional[str],
+                       residual: Optional[Tensor]) -> Tensor:
         self._check_input_dim(input)
         # Batch statistics in training, and in eval too when no running statistics exist.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -23,6 +31,7 @@ class _BatchNormForward:
         # Checked before num_batches_tracked moves: a call that raises changes nothing.
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
                               use_batch_stats, self.eps)
+        check_epilogue_args(input, activation, residual)
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -30,7 +39,8 @@ class _BatchNormForward:
             if self.momentum is None:  # cumulative moving average
                 momentum, num_batches_tracked = None, self.num_batches_tracked
         return batch_norm_impl(input, running_mean, running_var, self.weight, self.bias,
-                               use_batch_stats, momentum, self.eps, num_batches_tracked)
+                               use_batch_stats, momentum, self.eps, num_batches_tracked,
+                               activation=activation, residual=residual)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
@@ -43,3 +53,42 @@ class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on bnkernels' kernels; input (N, C, D, H, W)."""
+
+
+class _BatchNormActForward(_BatchNormForward):
+    """forward(x, residual=None) = activation(batch_norm(x) + residual), one fused pass.
+
+    The parameters and buffers are nn.BatchNorm*'s (a checkpoint loads either way);
+    activation is "relu" (default), "silu", "gelu" (erf form) or None. residual must be
+    shaped and typed like x, except in modules made by convert_batchnorm(fuse=True): the
+    graph's add may have broadcast, so there a residual unlike x takes the unfused path."""
+
+    _unfused_if_mismatch = False
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: Optional[str] = "relu", **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
+        self.activation = activations.check(activation)
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if (self._unfused_if_mismatch and isinstance(residual, Tensor)
+                and (residual.shape != input.shape or residual.dtype != input.dtype)):
+            return activations.apply(self._fused_forward(input, None, None) + residual,
+                                     self.activation)
+        return self._fused_forward(input, self.activation, residual)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class BatchNormAct1d(_BatchNormActForward, nn.BatchNorm1d):
+    """BatchNorm1d + activation (+ residual), fused; input (N, C) or (N, C, L)."""
+
+
+class BatchNormAct2d(_BatchNormActForward, nn.BatchNorm2d):
+    """BatchNorm2d + activation (+ residual), fused; input (N, C, H, W)."""
+
+
+class BatchNormAct3d(_BatchNormActForward, nn.BatchNorm3d):
+    """BatchNorm3d + activation (+ residual), fused; input (N, C, D, H, W)."""

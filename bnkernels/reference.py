@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import activations
 from .layout import acc_dtype, alloc_output
 
 
@@ -32,10 +33,11 @@ def _mean_rstd(x, mean, stat, training, eps):
 
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-            training: bool, eps: float) -> Tuple[torch.Tensor, ...]:
-    """(y, mean, rstd, biased var); the statistics are empty in eval mode."""
+            training: bool, eps: float, activation: Optional[str] = None,
+            residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    """(y, mean, rstd, biased var), y = act(bn(x) + residual); the statistics are empty in
+    eval mode."""
     acc = acc_dtype(x.dtype)
-    xa = x.to(acc)
     if training:
         mean, var = batch_stats(x)
         rstd = torch.rsqrt(var + eps)
@@ -43,28 +45,35 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     else:
         mean, rstd = _mean_rstd(x, running_mean, running_var, False, eps)
         stats = tuple(torch.empty(0, dtype=acc, device=x.device) for _ in range(3))
-    scale = _scale(weight, rstd)
-    ya = (xa - _per_channel(mean, x)) * _per_channel(scale, x)
-    if bias is not None:
-        ya = ya + _per_channel(bias.to(acc), x)
     y = alloc_output(x)
-    y.copy_(ya)
+    y.copy_(activations.apply(_pre_activation(x, mean, rstd, weight, bias, residual), activation))
     return (y, *stats)
 
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
              mean: torch.Tensor, stat: torch.Tensor, training: bool, eps: float,
-             need_dx: bool, need_sums: bool) -> Tuple[torch.Tensor, ...]:
-    """(dx, sum g, sum g*xhat), as triton_batch_norm.backward."""
+             activation: Optional[str], need_dx: bool, need_sums: bool,
+             need_dres: bool) -> Tuple[torch.Tensor, ...]:
+    """(dx, sum g, sum g*xhat, dres), as triton_batch_norm.backward."""
     acc = acc_dtype(x.dtype)
     mean, rstd = _mean_rstd(x, mean, stat, training, eps)
     g = grad_out.to(acc)
+    empty = torch.empty(0, dtype=acc, device=x.device)
+    dres = empty.clone()
+    if activation == "relu" and residual is not None:  # residual holds y: relu' = y > 0
+        g = torch.where(residual > 0, g, torch.zeros_like(g))
+    elif activation is not None:
+        z = _pre_activation(x, mean, rstd, weight, bias, residual)
+        g = activations.grad(g, z, activation)
+        if need_dres and residual is not None:
+            dres = alloc_output(residual)
+            dres.copy_(g)
     xhat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(rstd, x)
     dims = _reduce_dims(x)
     sum_g = g.sum(dim=dims)
     sum_gx = (g * xhat).sum(dim=dims)
-    empty = torch.empty(0, dtype=acc, device=x.device)
-    dx = empty
+    dx = empty.clone()  # (outputs of a custom op may not alias each other)
     if need_dx and training:
         m = max(x.numel() // max(x.shape[1], 1), 1)
         dx = _three_path_dx(g, x, xhat, weight, rstd, sum_g / m, sum_gx / m)
@@ -72,8 +81,18 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         dx = alloc_output(x)
         dx.copy_(g * _per_channel(_scale(weight, rstd), x))
     if not need_sums:
-        return dx, empty, empty.clone()
-    return dx, sum_g, sum_gx
+        return dx, empty, empty.clone(), dres
+    return dx, sum_g, sum_gx, dres
+
+
+def _pre_activation(x, mean, rstd, weight, bias, residual):
+    """z = (x - mean) * gamma * rstd + beta (+ residual), in the accumulation dtype."""
+    z = (x.to(rstd.dtype) - _per_channel(mean, x)) * _per_channel(_scale(weight, rstd), x)
+    if bias is not None:
+        z = z + _per_channel(bias.to(rstd.dtype), x)
+    if residual is not None:
+        z = z + residual.to(rstd.dtype)
+    return z
 
 
 def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

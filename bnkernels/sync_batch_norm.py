@@ -51,7 +51,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local, group=group)
         count, mean, var = merge_partials([tuple(g) for g in gathered])
-        y = torch.ops.bnkernels.batch_norm_fwd(x, weight, bias, mean, var, False, eps)[0]
+        y = torch.ops.bnkernels.batch_norm_fwd(x, weight, bias, mean, var, False, eps, None,
+                                                None)[0]
         if running_mean is not None:
             update_running_stats(running_mean, running_var, mean, var, count, momentum,
                                  num_batches_tracked)
@@ -64,8 +65,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, mean, var, count = ctx.saved_tensors
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
-        _, sum_g, sum_gx = torch.ops.bnkernels.batch_norm_bwd(
-            grad_y, x, weight, mean, var, False, ctx.eps, False, True)
+        _, sum_g, sum_gx, _ = torch.ops.bnkernels.batch_norm_bwd(
+            grad_y, x, weight, None, None, mean, var, False, ctx.eps, None, False, True, False)
         dx = None
         if need_dx:
             sums = torch.stack([sum_g, sum_gx])

@@ -15,6 +15,11 @@ Training forward = partial + merge + apply (x is read twice, y written once); ev
 = apply; backward = partial + merge + apply with batch statistics, apply alone for the input
 gradient through running statistics. NCHW and channels_last differ only in constexpr
 switches (FLAT_ROWS) and the tile shape the launch plan picks.
+
+Fused epilogue (ACTIVATION, HAS_RESIDUAL): forward stores act(z), z = bn(x) + residual,
+from the apply kernel; backward turns dL/dy into dL/dz where it reads it, in both the
+partial and the apply kernel (_epilogue_grad), and the apply kernel also writes dL/dz as
+the residual's gradient. No pass is added.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activations import code
 from .layout import (MERGE_BLOCK_C, acc_dtype, alloc_output, kernel_layout, kernel_ready,
                      launch_plan, ncs_shape, ncs_strides)
 
@@ -74,6 +80,86 @@ def _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps,
 
 
 @triton.jit
+def _affine(weight_ptr, bias_ptr, rstd, c, c_mask,
+            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel (scale, shift) = (gamma * rstd, beta) of y = (x - mean) * scale + shift."""
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC) * rstd
+    else:
+        scale = rstd
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    else:
+        shift = tl.zeros_like(rstd)
+    return scale, shift
+
+
+@triton.jit
+def _pre_activation(x, mean, scale, shift, res_ptr, res_offsets, mask,
+                    HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """z = (x - mean) * scale + shift (+ residual): the forward's expression, which the
+    backward repeats term for term so that its z (and relu's z > 0) is the forward's.
+    (x - mean) is formed before scaling: for |mean| >> std, x*a + b would cancel."""
+    z = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+    if HAS_RESIDUAL:
+        z += tl.load(res_ptr + res_offsets, mask=mask, other=0.0).to(ACC)
+    return z
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """act(z) for the codes of activations.py: 0 identity, 1 relu, 2 silu, 3 gelu (erf)."""
+    if ACTIVATION == 1:
+        y = tl.where(z < 0, 0.0, z)  # not tl.maximum: NaN must stay NaN, as in torch.relu
+    elif ACTIVATION == 2:
+        y = z * tl.sigmoid(z)
+    elif ACTIVATION == 3:
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    else:
+        y = z
+    return y
+
+
+@triton.jit
+def _activation_grad(g, z, ACTIVATION: tl.constexpr):
+    """dL/dz = g * act'(z), g = dL/dy (relu: torch's rule, g where z > 0)."""
+    if ACTIVATION == 1:
+        d = tl.where(z > 0, g, 0.0)
+    elif ACTIVATION == 2:
+        s = tl.sigmoid(z)
+        d = g * (s * (1.0 + z * (1.0 - s)))
+    elif ACTIVATION == 3:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1/sqrt(2*pi)
+        d = g * (cdf + z * pdf)
+    else:
+        d = g
+    return d
+
+
+@triton.jit
+def _epilogue_grad(g, x, mean, scale, shift, aux_ptr, aux_offsets, mask,
+                   ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """dL/dz from g = dL/dy, through the activation of z = bn(x) (+ residual).
+
+    z is recomputed from x, aux being the residual; except for relu after a residual add,
+    whose mask z > 0 is y > 0 with aux the saved output y: torch's relu keeps y as well, so
+    the fused op keeps no more than the unfused ops, where keeping the residual would (a
+    downsample branch's output is otherwise freed after the add)."""
+    if ACTIVATION == 1:
+        if HAS_RESIDUAL:
+            y = tl.load(aux_ptr + aux_offsets, mask=mask, other=0.0)
+            d = tl.where(y > 0, g, 0.0)
+        else:
+            d = _activation_grad(g, _pre_activation(x, mean, scale, shift, aux_ptr, aux_offsets,
+                                                    mask, False, ACC), ACTIVATION)
+    else:
+        z = _pre_activation(x, mean, scale, shift, aux_ptr, aux_offsets, mask, HAS_RESIDUAL, ACC)
+        d = _activation_grad(g, z, ACTIVATION)
+    return d
+
+
+@triton.jit
 def _program_share(C, R, rows_per_split, BLOCK_C: tl.constexpr):
     """This program's channels (block program_id(0)) and rows [row0, row_end) (split
     program_id(1))."""
@@ -100,11 +186,20 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @triton.jit
+def _load_tile(ptr, r, c, mask, S, sN, sC, sS,
+               FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr):
+    offsets = _tile_offsets(r, c, S, sN, sC, sS, FLAT_ROWS, INDEX_64)
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _partial_stats_kernel(
-    x_ptr, g_ptr, mean_ptr, stat_ptr, part_ptr,
+    x_ptr, g_ptr, res_ptr, mean_ptr, stat_ptr, weight_ptr, bias_ptr, part_ptr,
     C, S, R, rows_per_split, eps,
-    sxN, sxC, sxS, sgN, sgC, sgS,
+    sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS,
     BACKWARD: tl.constexpr, FROM_RUNNING: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -116,7 +211,8 @@ def _partial_stats_kernel(
     then the lanes are merged with _welford_combine. The shift keeps the running means
     small: a float32 mean near 1e4 moves in steps of 1e-3, which cost x = 1e4 + randn
     a 4e-4 relative error in its variance before it.
-    Backward, with xhat = (x - mean) * rstd:
+    Backward, with xhat = (x - mean) * rstd and g the gradient reaching the BN output
+    (dL/dy, or through a fused activation g * act'(z): _epilogue_grad):
         a = sum g (= dbeta),  b = sum g * xhat (= dgamma)
     The results go to part[0, split, c] (mean | sum g) and part[1, split, c] (M2 | sum g*xhat).
     """
@@ -129,17 +225,20 @@ def _partial_stats_kernel(
     count = tl.zeros([1, BLOCK_R], ACC)
     if BACKWARD:
         mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, FROM_RUNNING, ACC)
+        scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
     else:
         shift = _channel_shift(x_ptr, c, c_mask, sxC, INDEX_64, ACC)
     for start in range(row0, row_end, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         r_mask = (r < row_end)[None, :]
         mask = c_mask[:, None] & r_mask
-        x_offsets = _tile_offsets(r, c, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64)
-        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
+        x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
         if BACKWARD:
-            g_offsets = _tile_offsets(r, c, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64)
-            g = tl.load(g_ptr + g_offsets, mask=mask, other=0.0).to(ACC)
+            g = _load_tile(g_ptr, r, c, mask, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64, ACC)
+            if ACTIVATION != 0:
+                res_offsets = _tile_offsets(r, c, S, srN, srC, srS, FLAT_ROWS, INDEX_64)
+                g = _epilogue_grad(g, x, mean, scale, shift, res_ptr, res_offsets, mask,
+                                   ACTIVATION, HAS_RESIDUAL, ACC)
             a += g
             b += g * ((x - mean[:, None]) * rstd[:, None])
         else:
@@ -204,59 +303,62 @@ def _merge_kernel(
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, g_ptr, out_ptr, mean_ptr, stat_ptr, weight_ptr, bias_ptr, sum_g_ptr, sum_gx_ptr,
+    x_ptr, g_ptr, res_ptr, out_ptr, dres_ptr, mean_ptr, stat_ptr, weight_ptr, bias_ptr,
+    sum_g_ptr, sum_gx_ptr,
     C, S, R, rows_per_split, eps, sum_count,
-    sxN, sxC, sxS, sgN, sgC, sgS, soN, soC, soS,
+    sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, soN, soC, soS, sdN, sdC, sdS,
     BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr, FROM_RUNNING: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
-    """The elementwise pass, one read of each input and one write.
+    """The elementwise pass, one read of each input and one write of each output.
 
-    Forward:   y  = (x - mean) * (gamma * rstd) + beta
-    Backward, batch statistics (the direct, mean and variance paths):
+    Forward:   y  = act(z),  z = (x - mean) * (gamma * rstd) + beta (+ residual)
+    Backward: first g = dL/dz = dL/dy * act'(z), z recomputed (written to dres, the
+    residual's gradient, when there is a residual); then, batch statistics (the direct,
+    mean and variance paths):
                dx = gamma * rstd * (g - sum(g)/m - xhat * sum(g*xhat)/m)
                m = sum_count: R here; SyncBatchNorm passes the global means, already
                divided by the global count, with sum_count = 1 (an int: exact in float64)
     Backward, running statistics (mean and rstd are constants):
                dx = gamma * rstd * g
-    (x - mean) is formed before scaling: for |mean| >> std, x*a + b would cancel.
     """
     c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
 
     mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, FROM_RUNNING, ACC)
-    if HAS_WEIGHT:
-        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC) * rstd
-    else:
-        scale = rstd
+    scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
     if BACKWARD:
         if BATCH_STATS:
             mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) / sum_count
             mean_gx = tl.load(sum_gx_ptr + c, mask=c_mask, other=0.0) / sum_count
-    else:
-        if HAS_BIAS:
-            shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        else:
-            shift = tl.zeros([BLOCK_C], ACC)
 
     for start in range(row0, row_end, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         mask = c_mask[:, None] & (r < row_end)[None, :]
+        res_offsets = _tile_offsets(r, c, S, srN, srC, srS, FLAT_ROWS, INDEX_64)
         if BACKWARD:
-            g_offsets = _tile_offsets(r, c, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64)
-            g = tl.load(g_ptr + g_offsets, mask=mask, other=0.0).to(ACC)
+            g = _load_tile(g_ptr, r, c, mask, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64, ACC)
+            if ACTIVATION != 0:
+                x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
+                g = _epilogue_grad(g, x, mean, scale, shift, res_ptr, res_offsets, mask,
+                                   ACTIVATION, HAS_RESIDUAL, ACC)
+                if HAS_RESIDUAL:
+                    d_offsets = _tile_offsets(r, c, S, sdN, sdC, sdS, FLAT_ROWS, INDEX_64)
+                    tl.store(dres_ptr + d_offsets, g.to(dres_ptr.dtype.element_ty), mask=mask)
             if BATCH_STATS:
-                x_offsets = _tile_offsets(r, c, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64)
-                x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
+                if ACTIVATION == 0:
+                    x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
                 xhat = (x - mean[:, None]) * rstd[:, None]
                 out = scale[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
             else:
                 out = scale[:, None] * g
         else:
-            x_offsets = _tile_offsets(r, c, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64)
-            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
-            out = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+            x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
+            z = _pre_activation(x, mean, scale, shift, res_ptr, res_offsets, mask,
+                                HAS_RESIDUAL, ACC)
+            out = _activation(z, ACTIVATION)
         o_offsets = _tile_offsets(r, c, S, soN, soC, soS, FLAT_ROWS, INDEX_64)
         tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -275,105 +377,138 @@ def _launch(kernel, grid, *args, **meta):
 
 
 class _Launch:
-    """What the three kernels of one call share: shapes, strides, tile and grid."""
+    """What the kernels of one call share: shapes, tile, grid, and each tensor's strides
+    (by role: x, g, res, out, dres; x's stand in for a role the call has no tensor for)."""
 
-    def __init__(self, x: torch.Tensor, *others: torch.Tensor):
+    def __init__(self, x: torch.Tensor, **others: Optional[torch.Tensor]):
         self.n, self.c, self.s = ncs_shape(x)
         self.rows = self.n * self.s
         self.acc = acc_dtype(x.dtype)
         channels_fast = ncs_strides(x)[1] == 1 and self.c > 1
         self.plan = launch_plan(self.n, self.c, self.s, channels_fast, x.device)
-        self.layout = kernel_layout((x,) + others, self.plan.block_c, self.plan.block_r)
+        named = {"x": x, **{k: t for k, t in others.items() if t is not None}}
+        self.layout = kernel_layout(tuple(named.values()), self.plan.block_c, self.plan.block_r)
+        self._strides = dict(zip(named, self.layout.strides))
         self.grid = (self.plan.c_blocks, self.plan.splits)
 
-    def meta(self, **switches):
-        return dict(FLAT_ROWS=self.layout.flat_rows, INDEX_64=self.layout.index_64,
+    def strides(self, role: str):
+        return self._strides.get(role, self._strides["x"])
+
+    def meta(self, activation: int, residual, weight, bias, **switches):
+        return dict(ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
+                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                    FLAT_ROWS=self.layout.flat_rows, INDEX_64=self.layout.index_64,
                     BLOCK_C=self.plan.block_c, BLOCK_R=self.plan.block_r, ACC=_GL[self.acc],
                     num_warps=self.plan.num_warps, **switches)
 
-    def reduce(self, x, g, mean, stat, eps, backward, from_running):
-        """Partial reductions then their merge: (mean, rstd, var) or (sum g, sum g*xhat)."""
-        plan, strides = self.plan, self.layout.strides
+    def reduce(self, x, eps, g=None, res=None, mean=None, stat=None, weight=None, bias=None,
+               activation=0, from_running=False):
+        """Partial reductions then their merge: (mean, rstd, var) of x (g None), or
+        (sum g, sum g*xhat) with the given statistics."""
+        backward = g is not None
+        plan = self.plan
         part = torch.empty((2, plan.splits, self.c), dtype=self.acc, device=x.device)
-        g_strides = strides[1] if backward else strides[0]
-        _launch(_partial_stats_kernel, self.grid, x, g, mean, stat, part,
+        _launch(_partial_stats_kernel, self.grid, x, _or_x(g, x), _or_x(res, x),
+                _or_x(mean, x), _or_x(stat, x), _or_x(weight, x), _or_x(bias, x), part,
                 self.c, self.s, self.rows, plan.rows_per_split, eps,
-                *strides[0], *g_strides,
-                **self.meta(BACKWARD=backward, FROM_RUNNING=from_running))
+                *self.strides("x"), *self.strides("g"), *self.strides("res"),
+                **self.meta(activation, res, weight, bias,
+                            BACKWARD=backward, FROM_RUNNING=from_running))
         outs = tuple(torch.empty(self.c, dtype=self.acc, device=x.device)
                      for _ in range(2 if backward else 3))
         block = min(MERGE_BLOCK_C, triton.next_power_of_2(self.c))
         out2 = outs[2] if len(outs) == 3 else outs[0]  # the backward merge has no third output
         _launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2, x,
-                self.c, self.rows, plan.rows_per_split, plan.splits, eps, strides[0][1],
+                self.c, self.rows, plan.rows_per_split, plan.splits, eps, self.strides("x")[1],
                 BACKWARD=backward, INDEX_64=self.layout.index_64, BLOCK_C=block,
                 ACC=_GL[self.acc])
         return outs
 
+    def apply(self, x, out, mean, stat, weight, bias, eps, *, backward, batch_stats,
+              from_running, activation=0, g=None, res=None, dres=None, sum_g=None,
+              sum_gx=None, sum_count=1):
+        """The elementwise kernel: y = act(bn(x) (+ res)), or dx (and dres) from g."""
+        _launch(_apply_kernel, self.grid, x, _or_x(g, x), _or_x(res, x), out, _or_x(dres, x),
+                mean, stat, _or_x(weight, x), _or_x(bias, x), _or_x(sum_g, x), _or_x(sum_gx, x),
+                self.c, self.s, self.rows, self.plan.rows_per_split, eps, sum_count,
+                *self.strides("x"), *self.strides("g"), *self.strides("res"),
+                *self.strides("out"), *self.strides("dres"),
+                **self.meta(activation, res, weight, bias, BACKWARD=backward,
+                            BATCH_STATS=batch_stats, FROM_RUNNING=from_running))
+
+
+def _or_x(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A pointer argument the kernel's constexpr switches leave unread: any tensor will do."""
+    return x if t is None else t
+
+
+def _ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else kernel_ready(t)
+
 
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-            training: bool, eps: float) -> Tuple[torch.Tensor, ...]:
-    """(y, mean, rstd, biased var); the statistics are empty in eval mode."""
+            training: bool, eps: float, activation: Optional[str] = None,
+            residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    """(y, mean, rstd, biased var), y = act(bn(x) + residual); the statistics are empty in
+    eval mode."""
     y = alloc_output(x)
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
     if x.numel() == 0:
         zeros = [torch.zeros(c if training else 0, dtype=acc, device=x.device) for _ in range(3)]
         return (y, *zeros)
-    x = kernel_ready(x)
-    call = _Launch(x, y)
+    x, residual = kernel_ready(x), _ready(residual)
+    call = _Launch(x, out=y, res=residual)
     if training:
-        stats = call.reduce(x, x, x, x, eps, backward=False, from_running=False)
-        stats_src = stats[:2]  # mean, rstd
+        stats = call.reduce(x, eps=eps)
+        mean, stat = stats[:2]  # mean, rstd
     else:
         stats = tuple(torch.empty(0, dtype=acc, device=x.device) for _ in range(3))
-        stats_src = (running_mean, running_var)
-    sx = call.layout.strides[0]
-    _launch(_apply_kernel, call.grid, x, x, y, *stats_src,
-            weight if weight is not None else x, bias if bias is not None else x, x, x,
-            call.c, call.s, call.rows, call.plan.rows_per_split, eps, 1,
-            *sx, *sx, *call.layout.strides[1],
-            **call.meta(BACKWARD=False, BATCH_STATS=training, FROM_RUNNING=not training,
-                        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None))
+        mean, stat = running_mean, running_var
+    call.apply(x, y, mean, stat, weight, bias, eps, backward=False, batch_stats=training,
+               from_running=not training, activation=code(activation), res=residual)
     return (y, *stats)
 
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
              mean: torch.Tensor, stat: torch.Tensor, training: bool, eps: float,
-             need_dx: bool, need_sums: bool) -> Tuple[torch.Tensor, ...]:
-    """(dx, sum g, sum g*xhat). mean/stat: the saved mean/rstd (training) or the running
-    mean/var (eval). Results not asked for come back empty."""
+             activation: Optional[str], need_dx: bool, need_sums: bool,
+             need_dres: bool) -> Tuple[torch.Tensor, ...]:
+    """(dx, sum g, sum g*xhat, dres), g = dL/dz of z = bn(x) (+ residual) under the
+    activation. mean/stat: the saved mean/rstd (training) or the running mean/var (eval).
+    bias and residual matter only with an activation (to recompute z); so does dres = g
+    (without an activation the residual's gradient is grad_out itself, the caller's to
+    pass on). With activation "relu", `residual` is the forward's output y instead (see
+    _epilogue_grad). Results not asked for come back empty."""
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
+    act = code(activation)
+    if act == 0:
+        bias = residual = None
     empty = torch.empty(0, dtype=acc, device=x.device)
-    dx = alloc_output(x) if need_dx else empty
-    if x.numel() == 0:
-        zeros = torch.zeros(c, dtype=acc, device=x.device)
-        return dx, zeros, zeros.clone()
-    x, grad_out = kernel_ready(x), kernel_ready(grad_out)
-    call = _Launch(x, grad_out, dx) if need_dx else _Launch(x, grad_out)
+    need_dres = need_dres and residual is not None
+    dx = alloc_output(x) if need_dx or need_dres else empty
+    dres = alloc_output(residual) if need_dres else None
     sum_g, sum_gx = empty, empty.clone()
-    if training or need_sums:
-        sum_g, sum_gx = call.reduce(x, grad_out, mean, stat, eps, backward=True,
-                                    from_running=not training)
-    if need_dx:
-        _input_grad(call, grad_out, x, dx, weight, mean, stat, sum_g, sum_gx, eps,
-                    call.rows, batch_stats=training, from_running=not training)
-    if not need_sums:
-        sum_g, sum_gx = empty, empty.clone()
-    return dx, sum_g, sum_gx
-
-
-def _input_grad(call, grad_out, x, dx, weight, mean, stat, sum_g, sum_gx, eps, sum_count,
-                batch_stats, from_running):
-    strides = call.layout.strides
-    _launch(_apply_kernel, call.grid, x, grad_out, dx, mean, stat,
-            weight if weight is not None else x, x, sum_g, sum_gx,
-            call.c, call.s, call.rows, call.plan.rows_per_split, eps, sum_count,
-            *strides[0], *strides[1], *strides[2],
-            **call.meta(BACKWARD=True, BATCH_STATS=batch_stats, FROM_RUNNING=from_running,
-                        HAS_WEIGHT=weight is not None, HAS_BIAS=False))
+    if x.numel() > 0:
+        x, grad_out, residual = kernel_ready(x), kernel_ready(grad_out), _ready(residual)
+        call = _Launch(x, g=grad_out, res=residual, out=dx if dx.numel() else None, dres=dres)
+        if training or need_sums:
+            sum_g, sum_gx = call.reduce(x, eps, grad_out, residual, mean, stat, weight, bias,
+                                        activation=act, from_running=not training)
+        if need_dx or need_dres:
+            call.apply(x, dx, mean, stat, weight, bias, eps, backward=True,
+                       batch_stats=training, from_running=not training, activation=act,
+                       g=grad_out, res=residual, dres=dres, sum_g=sum_g, sum_gx=sum_gx,
+                       sum_count=call.rows)
+    elif need_sums:  # an empty batch: zero sums
+        sum_g = torch.zeros(c, dtype=acc, device=x.device)
+        sum_gx = sum_g.clone()
+    # (a custom op's outputs may not alias each other: each empty result is its own tensor)
+    return (dx if need_dx else empty, sum_g if need_sums else empty.clone(),
+            sum_gx if need_sums else empty.clone(), empty.clone() if dres is None else dres)
 
 
 def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -382,7 +517,7 @@ def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
         return zeros, zeros.clone()
     x = kernel_ready(x)
-    mean, _, var = _Launch(x).reduce(x, x, x, x, 1.0, backward=False, from_running=False)
+    mean, _, var = _Launch(x).reduce(x, eps=1.0)  # any eps > 0: its rstd goes unused
     return mean, var
 
 
@@ -395,7 +530,7 @@ def input_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     if x.numel() == 0:
         return dx
     x, grad_out = kernel_ready(x), kernel_ready(grad_out)
-    call = _Launch(x, grad_out, dx)
-    _input_grad(call, grad_out, x, dx, weight, mean, var, mean_g, mean_gx, eps, 1,
-                batch_stats=True, from_running=True)
+    call = _Launch(x, g=grad_out, out=dx)
+    call.apply(x, dx, mean, var, weight, None, eps, backward=True, batch_stats=True,
+               from_running=True, g=grad_out, sum_g=mean_g, sum_gx=mean_gx, sum_count=1)
     return dx

@@ -8,24 +8,33 @@ from bnkernels.triton_batch_norm import launch_counts
 from helpers import make_input, random_params
 
 
-def _run(x, training=True):
+def _run(x, training=True, activation=None, residual=None):
     w, b, rm, rv = random_params(x.shape[1], torch.float32, x.device)
-    x = x.detach().requires_grad_(True)
-    y = bnkernels.batch_norm(x, rm, rv, w, b, training=training)
-    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y).cumsum(0))
-    return y, dx, rm, rv
+    x, w = x.detach().requires_grad_(True), w.requires_grad_(True)
+    leaves = [x, w]
+    if residual is not None:
+        residual = residual.detach().requires_grad_(True)
+        leaves.append(residual)
+    y = bnkernels.batch_norm(x, rm, rv, w, b, training=training, activation=activation,
+                             residual=residual)
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y).cumsum(0))
+    return y, *grads, rm, rv
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_torch_backend_agrees_with_triton(training, device, monkeypatch):
+@pytest.mark.parametrize("activation,with_residual", [(None, False), ("gelu", True),
+                                                      ("relu", False), (None, True)])
+def test_torch_backend_agrees_with_triton(training, activation, with_residual, device,
+                                          monkeypatch):
     x = make_input((3, 5, 6, 7), torch.float32, device, "channels_last", loc=1.0)
-    with_triton = _run(x, training)
+    r = make_input((3, 5, 6, 7), torch.float32, device, seed=5) if with_residual else None
+    with_triton = _run(x, training, activation, r)
     monkeypatch.setenv("BNKERNELS_BACKEND", "torch")
     before = sum(launch_counts.values())
-    with_torch = _run(x, training)
+    with_torch = _run(x, training, activation, r)
     assert sum(launch_counts.values()) == before  # no Triton kernel on the torch path
-    for a, b in zip(with_triton, with_torch):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(with_triton, with_torch):  # dweight: sums of terms up to |b|.max()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
 
 
 def test_auto_on_cpu_follows_the_interpreter(monkeypatch):

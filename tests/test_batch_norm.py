@@ -137,11 +137,13 @@ def test_channels_last_read_without_copy(device, monkeypatch):
 
 def test_functional_signature_matches_torch():
     import inspect
-    ours = inspect.signature(bnkernels.batch_norm)
-    theirs = inspect.signature(F.batch_norm)
-    assert list(ours.parameters) == list(theirs.parameters)
-    assert [p.default for p in ours.parameters.values()] == \
-        [p.default for p in theirs.parameters.values()]
+    ours = inspect.signature(bnkernels.batch_norm).parameters.values()
+    theirs = inspect.signature(F.batch_norm).parameters.values()
+    shared = [p for p in ours if p.kind != p.KEYWORD_ONLY]
+    assert [(p.name, p.default) for p in shared] == [(p.name, p.default) for p in theirs]
+    # the fused epilogue's arguments come after torch's, keyword-only
+    assert [(p.name, p.default) for p in ours if p.kind == p.KEYWORD_ONLY] == \
+        [("activation", None), ("residual", None)]
 
 
 def test_isinstance_and_constructor():

@@ -32,3 +32,13 @@ def test_report_writes_the_table_and_targets(tmp_path):
     except ImportError:
         return
     assert (tmp_path / "bn.png").stat().st_size > 0
+
+
+def test_fused_ops_smoke(tmp_path):
+    ops = ",".join(bench_bn.FUSED_OPS)
+    assert bench_bn.main(["--smoke", "--dtypes", "float32", "--layouts", "nhwc", "--ops", ops,
+                          "--out", str(tmp_path)]) == 0
+    with (tmp_path / "bn.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["op"] for r in rows[1:]} == set(bench_bn.FUSED_OPS)
+    assert report.main([str(tmp_path / "bn.csv")]) == 0

@@ -65,11 +65,13 @@ def test_opcheck(training, affine, device):
     b = torch.randn(4, device=device, requires_grad=True) if affine else None
     rm, rv = torch.randn(4, device=device), torch.rand(4, device=device) + 0.5
     with kernels_only():
-        opcheck(torch.ops.bnkernels.batch_norm_fwd.default, (x, w, b, rm, rv, training, 1e-5))
-        y, mean, rstd, _ = torch.ops.bnkernels.batch_norm_fwd(x, w, b, rm, rv, training, 1e-5)
+        args = (x, w, b, rm, rv, training, 1e-5, None, None)
+        opcheck(torch.ops.bnkernels.batch_norm_fwd.default, args)
+        y, mean, rstd, _ = torch.ops.bnkernels.batch_norm_fwd(*args)
         stats = (mean, rstd) if training else (rm, rv)
         # Inputs without grad: the backward op has no derivative of its own (no double
         # backward), which opcheck would otherwise try.
         w = None if w is None else w.detach()
         opcheck(torch.ops.bnkernels.batch_norm_bwd.default,
-                (torch.randn_like(y), x.detach(), w, *stats, training, 1e-5, True, True))
+                (torch.randn_like(y), x.detach(), w, None, None, *stats, training, 1e-5, None,
+                 True, True, False))
