@@ -132,7 +132,8 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
         removed = [user]
         if residual is not None:
             after_add = _only_user(user)
-            ok, activation = (False, None) if after_add is None else _activation(after_add, gm, user)
+            ok, activation = (_activation(after_add, gm, user) if after_add is not None
+                              else (False, None))
             if ok:
                 removed.append(after_add)
         else:
