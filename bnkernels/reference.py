@@ -64,11 +64,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     if activation == "relu" and residual is not None:  # residual holds y: relu' = y > 0
         g = torch.where(residual > 0, g, torch.zeros_like(g))
     elif activation is not None:
-        z = _pre_activation(x, mean, rstd, weight, bias, residual)
-        g = activations.grad(g, z, activation)
-        if need_dres and residual is not None:
-            dres = alloc_output(residual)
-            dres.copy_(g)
+        g = activations.grad(g, _pre_activation(x, mean, rstd, weight, bias, residual),
+                             activation)
+    if need_dres and activation is not None and residual is not None:
+        dres = alloc_output(residual)
+        dres.copy_(g)
     xhat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(rstd, x)
     dims = _reduce_dims(x)
     sum_g = g.sum(dim=dims)

@@ -23,7 +23,8 @@ def _run(x, training=True, activation=None, residual=None):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation,with_residual", [(None, False), ("gelu", True),
-                                                      ("relu", False), (None, True)])
+                                                      ("relu", False), ("relu", True),
+                                                      (None, True)])
 def test_torch_backend_agrees_with_triton(training, activation, with_residual, device,
                                           monkeypatch):
     x = make_input((3, 5, 6, 7), torch.float32, device, "channels_last", loc=1.0)
