@@ -59,22 +59,19 @@ def _activation(node: fx.Node, gm: fx.GraphModule, src: fx.Node):
         return False, None
     extra = dict(node.kwargs)
     extra.pop("inplace", None)  # the activation's input has no other user: in place or not
+    name = None
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         name = _ACT_MODULES.get(type(module))
         if name == "gelu" and module.approximate != "none":
             name = None
-        ok = name is not None and len(node.args) == 1 and not extra
     elif node.op == "call_function":
         name = _ACT_FUNCTIONS.get(node.target)
         if name == "gelu" and extra.pop("approximate", "none") != "none":
             name = None
-        ok = name is not None and len(node.args) == 1 and not extra
     elif node.op == "call_method":
         name = _ACT_METHODS.get(node.target)
-        ok = name is not None and len(node.args) == 1 and not extra
-    else:
-        ok, name = False, None
+    ok = name is not None and len(node.args) == 1 and not extra
     return ok, name if ok else None
 
 
