@@ -23,7 +23,9 @@ endif
 $(VENV)/.ready: setup.py requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -r requirements/cpu.txt
-	$(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	# csrc/ is not prebuilt here: the tests compile it themselves (per arch, and for the
+	# CPU emulation of the CUDA C++ backend).
+	BNKERNELS_BUILD_CUDA=0 $(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # Two workers where pytest-xdist is installed (requirements/cpu.txt has it).

@@ -1,10 +1,20 @@
-"""Which implementation runs a call: BNKERNELS_BACKEND = auto | triton | torch.
+"""Which implementation runs a call: BNKERNELS_BACKEND = auto | triton | cuda | torch.
 
-  auto    the Triton kernels on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1
-          (the interpreter); the plain-PyTorch path (reference.py) everywhere else.
-  triton  the Triton kernels, or a clear error where they cannot run.
-  torch   the plain-PyTorch path.
-  cuda    the CUDA C++ backend (csrc/); not built yet, so it is a clear error.
+  triton  the Triton kernels, or a clear error where they cannot run. CPU tensors run
+          them under TRITON_INTERPRET=1 (the interpreter).
+  cuda    the CUDA C++ kernels of csrc/, or a clear error where they cannot run (no GPU,
+          no library and no nvcc to build one). CPU tensors run them under
+          BNKERNELS_CUDA_EMULATE=1 (an emulation build, for the tests).
+  torch   the plain-PyTorch path (reference.py).
+  auto    per call, on CUDA tensors: cuda for the launch-bound size class (at most
+          AUTO_CUDA_MAX_NUMEL elements), where the C++ launcher's few microseconds of host
+          time beat Triton's Python launcher, if its library is built already (auto never
+          starts a compile); triton otherwise. On CPU tensors: triton under the
+          interpreter, else torch.
+
+AUTO_CUDA_MAX_NUMEL is provisional: no GPU has timed the two backends side by side yet.
+bench/bench_launch.py (host time per call) and bench/bench_bn.py (device time, both
+providers) are the measurements that set it.
 
 The variable is read on every call, so a process can switch between calls. The Triton
 module is imported on first use: triton reads TRITON_INTERPRET when a kernel is defined.
@@ -18,7 +28,9 @@ from types import ModuleType
 import torch
 
 ENV_VAR = "BNKERNELS_BACKEND"
-CHOICES = ("auto", "triton", "torch", "cuda")
+CHOICES = ("auto", "triton", "cuda", "torch")
+# auto's size class boundary (elements of x): see the module docstring.
+AUTO_CUDA_MAX_NUMEL = 1 << 20
 
 
 def interpreter_enabled() -> bool:
@@ -36,6 +48,10 @@ def _triton_module() -> ModuleType:
     return importlib.import_module("bnkernels.triton_batch_norm")
 
 
+def _cuda_module() -> ModuleType:
+    return importlib.import_module("bnkernels.cuda_batch_norm")
+
+
 def triton_available() -> bool:
     try:
         _triton_module()
@@ -48,15 +64,37 @@ def _triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
 
 
+def _cuda_can_run(device: torch.device) -> bool:
+    from .cuda_library import emulation_enabled
+    return device.type == "cuda" or (device.type == "cpu" and emulation_enabled())
+
+
+def auto_prefers_cuda(x: torch.Tensor) -> bool:
+    """auto's rule, given both backends can run x: the launch-bound size class."""
+    return x.numel() <= AUTO_CUDA_MAX_NUMEL
+
+
+def _select_cuda(x: torch.Tensor) -> ModuleType:
+    if not _cuda_can_run(x.device):
+        raise RuntimeError(
+            f"{ENV_VAR}=cuda needs CUDA tensors, or BNKERNELS_CUDA_EMULATE=1 for CPU tensors; "
+            f"got a tensor on {x.device}")
+    from .cuda_library import library
+    library(x.device)  # built and loaded now, or a RuntimeError that says why not
+    return _cuda_module()
+
+
 def select(x: torch.Tensor) -> ModuleType:
     """The module (with forward and backward) that runs a call on x."""
     name = requested()
     if name == "torch":
         return importlib.import_module("bnkernels.reference")
     if name == "cuda":
-        raise RuntimeError(
-            f"{ENV_VAR}=cuda: the CUDA C++ backend (csrc/) is not part of this build; "
-            "use auto, triton or torch")
+        return _select_cuda(x)
+    if name == "auto" and x.device.type == "cuda" and auto_prefers_cuda(x):
+        from .cuda_library import is_built
+        if is_built(x.device):
+            return _cuda_module()
     if _triton_can_run(x.device) and triton_available():
         return _triton_module()
     if name == "triton":

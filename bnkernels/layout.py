@@ -106,8 +106,7 @@ def _sm_count(device_index: int) -> int:
 
 def target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return 4 * _sm_count(index)
+        return 4 * _sm_count(_index(device))
     return INTERPRETER_PROGRAMS
 
 
@@ -143,3 +142,45 @@ def launch_plan(n: int, c: int, s: int, channels_fast: bool, device: torch.devic
     splits = -(-r_tiles // tiles_per_split)  # no split is left without rows
     num_warps = 8 if block_c * block_r >= 2048 else 4
     return LaunchPlan(block_c, block_r, c_blocks, splits, tiles_per_split * block_r, num_warps)
+
+
+# The CUDA C++ backend (csrc/): threads per block on a GPU, and in the CPU emulation (its
+# fibers are cheaper few), blocks per SM to aim for, and rows each row lane takes at least.
+CUDA_BLOCK_THREADS = 256
+EMULATED_BLOCK_THREADS = 64
+CUDA_BLOCKS_PER_SM = 8
+CUDA_MIN_ROWS_PER_LANE = 4
+
+
+class BlockPlan(NamedTuple):
+    threads: int
+    block_c: int  # channels per block; threads // block_c row lanes
+    splits: int
+    rows_per_split: int
+
+
+def block_plan(n: int, c: int, s: int, channels_fast: bool, device: torch.device) -> BlockPlan:
+    """Block shape and grid for csrc/'s kernels (the counterpart of launch_plan).
+
+    channels_fast: up to 32 channels side by side (a warp reads 32 neighbours). NCHW: all
+    threads on the rows of one channel, unless it has fewer rows than threads. A channel
+    block's rows are then split over as many blocks as fill the device.
+    """
+    rows = n * s
+    if device.type == "cuda":
+        threads, target = CUDA_BLOCK_THREADS, CUDA_BLOCKS_PER_SM * _sm_count(_index(device))
+    else:
+        threads, target = EMULATED_BLOCK_THREADS, INTERPRETER_PROGRAMS
+    if channels_fast:
+        block_c = min(_next_pow2(c), 32, threads)
+    else:
+        block_c = min(_next_pow2(c), max(1, threads // min(_next_pow2(rows), threads)))
+    lanes = threads // block_c
+    c_blocks = -(-c // block_c)
+    splits = max(1, min(-(-rows // (lanes * CUDA_MIN_ROWS_PER_LANE)), target // c_blocks))
+    rows_per_split = -(-rows // splits)
+    return BlockPlan(threads, block_c, -(-rows // rows_per_split), rows_per_split)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()

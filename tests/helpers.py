@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import bnkernels
-from bnkernels import reference
+from bnkernels import cuda_library, reference
 from bnkernels.triton_batch_norm import launch_counts
 
 # (atol, rtol) against the float64 reference, per input dtype. The outputs are O(1)
@@ -100,17 +100,22 @@ def _forbidden(*args, **kwargs):
     raise AssertionError("torch's batch_norm was called: the bnkernels path fell back")
 
 
+def kernel_launches() -> int:
+    """Launches so far of bnkernels' kernels: Triton's and csrc/'s (CUDA or emulated)."""
+    return sum(launch_counts.values()) + sum(cuda_library.launch_counts().values())
+
+
 @contextlib.contextmanager
 def kernels_only():
     """Inside: torch's batch_norm entry points raise, and on leaving, at least one
-    bnkernels Triton kernel must have been launched."""
-    before = sum(launch_counts.values())
+    bnkernels kernel (Triton or CUDA C++) must have been launched."""
+    before = kernel_launches()
     with contextlib.ExitStack() as stack:
         for owner, name in ((torch, "batch_norm"), (torch, "native_batch_norm"),
                             (F, "batch_norm")):
             stack.enter_context(mock.patch.object(owner, name, _forbidden))
         yield
-    assert sum(launch_counts.values()) > before, "no bnkernels Triton kernel was launched"
+    assert kernel_launches() > before, "no bnkernels kernel was launched"
 
 
 def bn_pair(dim, c, dtype, device, **kwargs):

@@ -10,6 +10,9 @@ import bnkernels
 from helpers import (LAYOUTS, TOL, assert_close_scaled, bn_pair, float64_reference,
                      kernels_only, layout_applies, make_input, random_params)
 
+# Every test here runs on each kernel backend: Triton and the CUDA C++ of csrc/.
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 SHAPES = [(7, 5), (4, 3, 17), (3, 6, 9, 11), (2, 4, 3, 5, 7), (1, 3, 2, 2), (5, 2, 1, 1)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

@@ -1,4 +1,5 @@
-"""What only a GPU can show: no host synchronisation, CUDA-graph capture, and tensors past
+"""What only a GPU can show: no host synchronisation, CUDA-graph capture (which also shows
+the kernels go on torch's current stream: capture runs on a side stream), and tensors past
 2**31 elements. Skipped without CUDA."""
 import pytest
 import torch
@@ -6,7 +7,9 @@ import torch
 import bnkernels
 from helpers import kernels_only
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Each on both kernel backends: Triton and the CUDA C++ of csrc/.
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("kernel_backend")]
 
 
 def _step(bn, x, g):

@@ -1,5 +1,6 @@
 """Fused epilogues: act(bn(x) + residual) in one pass (batch_norm(activation=, residual=),
 BatchNormAct*d), against the unfused torch ops in float64 and in the input's dtype."""
+import collections
 import contextlib
 
 import pytest
@@ -8,9 +9,12 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import bnkernels
-from bnkernels import activations
+from bnkernels import activations, cuda_library
 from bnkernels.triton_batch_norm import launch_counts
 from helpers import TOL, assert_close_scaled, kernels_only, make_input, random_params
+
+# Every test here runs on each kernel backend: Triton and the CUDA C++ of csrc/.
+pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 ACTS = [None, "relu", "silu", "gelu"]
 
@@ -77,19 +81,29 @@ def test_fused_matches_unfused(dtype, layout, activation, with_residual, trainin
         assert_close_scaled(a, e, TOL[param_dtype])
 
 
+def _launches(backend):
+    if backend == "cuda":
+        return collections.Counter(cuda_library.launch_counts())
+    return launch_counts.copy()
+
+
 @pytest.mark.parametrize("training", [True, False])
-def test_one_elementwise_pass(training, device):
-    """bn + add + act is the BN's own launches: (partial, merge,) apply — no extra pass."""
+def test_one_elementwise_pass(training, device, kernel_backend):
+    """bn + add + act is the BN's own launches, no extra pass: Triton's (partial, merge,)
+    apply; csrc/'s one fused launch (one block per channel here) or apply."""
     x = make_input((2, 3, 4, 5), torch.float32, device)
     r = make_input((2, 3, 4, 5), torch.float32, device, seed=2)
     w, b, rm, rv = random_params(3, torch.float32, device)
-    before = launch_counts.copy()
+    before = _launches(kernel_backend)
     with kernels_only():
         bnkernels.batch_norm(x, rm, rv, w, b, training, activation="silu", residual=r)
-    launched = launch_counts - before
-    expected = {"_apply_kernel": 1}
-    if training:
-        expected.update(_partial_stats_kernel=1, _merge_kernel=1)
+    launched = _launches(kernel_backend) - before
+    if kernel_backend == "cuda":
+        expected = {"fused": 1} if training else {"apply": 1}
+    else:
+        expected = {"_apply_kernel": 1}
+        if training:
+            expected.update(_partial_stats_kernel=1, _merge_kernel=1)
     assert dict(launched) == expected
 
 

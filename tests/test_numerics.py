@@ -8,6 +8,9 @@ from bnkernels import layout
 from helpers import (TOL, assert_close_scaled, bn_pair, float64_reference, kernels_only,
                      make_input, random_params)
 
+# Every test here runs on each kernel backend: Triton and the CUDA C++ of csrc/.
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 
 @pytest.fixture
 def many_splits(monkeypatch):

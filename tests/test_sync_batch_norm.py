@@ -10,6 +10,9 @@ from torch import nn
 
 import bnkernels
 
+# Every test here runs on each kernel backend: Triton and the CUDA C++ of csrc/.
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 WORLD = 2
 TIMEOUT_S = 300
 

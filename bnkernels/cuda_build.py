@@ -1,0 +1,203 @@
+"""How csrc/ becomes libbnkernels_cuda.so, and where the result is kept.
+
+Two builds of the same source (csrc/batch_norm.cu and its headers):
+
+  GPU        nvcc, for one architecture ("90": sm_90) or several (setup.py: sm_80 and
+             sm_90, plus compute_90 PTX for newer GPUs). Plain CUDA C++ with the static
+             CUDA runtime: no torch headers, so it builds where torch has no CUDA headers.
+  emulate    the host compiler with -DBNK_EMULATE (csrc/emulate.h): the kernels' own code
+             run on the CPU, each block's threads as fibers. For the CPU test suite.
+
+A build is cached under BNKERNELS_CACHE_DIR (default ~/.cache/bnkernels) in a folder named
+after a digest of the sources, so an edit makes a new build and nothing stale is loaded.
+
+This module imports neither torch nor bnkernels: setup.py loads it by path to build the
+library into the package (bnkernels/_lib/) when nvcc is present.
+    python -m bnkernels.cuda_build [--arch 90 | --emulate]   builds into the cache
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+PACKAGE = Path(__file__).resolve().parent
+CSRC = PACKAGE.parent / "csrc"
+LIB_NAME = "libbnkernels_cuda.so"
+PREBUILT = PACKAGE / "_lib" / LIB_NAME
+PREBUILT_DIGEST = PREBUILT.with_suffix(".digest")
+SETUP_ARCHS = ("80", "90")  # setup.py's build; sm_80 code also runs on sm_86/sm_89
+NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC", "-shared")
+HOST_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-DBNK_EMULATE", "-x", "c++")
+
+
+class BuildError(RuntimeError):
+    """The library could not be built (no compiler, no CUDA headers, a compile error)."""
+
+
+def sources() -> List[Path]:
+    return sorted(p for p in CSRC.glob("*") if p.suffix in (".cu", ".cuh", ".h"))
+
+
+def translation_units() -> List[Path]:
+    return sorted(CSRC.glob("*.cu"))
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest() -> Optional[str]:
+    """A digest of csrc/, or None where the sources are not beside the package."""
+    files = sources()
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def find_nvcc() -> Optional[str]:
+    explicit = os.environ.get("BNKERNELS_NVCC")
+    if explicit:
+        return explicit if shutil.which(explicit) else None
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = Path(home) / "bin" / "nvcc"
+    return str(candidate) if candidate.exists() else None
+
+
+def cuda_include_dir() -> Optional[Path]:
+    """Where cuda_fp16.h is (the emulation build needs the CUDA headers, not nvcc)."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = find_nvcc()
+    if nvcc:
+        roots.append(str(Path(nvcc).resolve().parent.parent))
+    for root in filter(None, roots):
+        include = Path(root) / "include"
+        if (include / "cuda_fp16.h").exists():
+            return include
+    return None
+
+
+def gencode_flags(archs: Sequence[str], ptx: bool) -> List[str]:
+    flags = []
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    if ptx:  # JIT-compiled by the driver on GPUs newer than the last arch
+        flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return flags
+
+
+def gpu_command(out: Path, archs: Sequence[str], ptx: bool = False) -> List[str]:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc not found (set BNKERNELS_NVCC or CUDA_HOME, or put it on PATH)")
+    return [nvcc, *NVCC_FLAGS, *gencode_flags(archs, ptx), "-o", str(out),
+            *map(str, translation_units())]
+
+
+def emulation_command(out: Path) -> List[str]:
+    include = cuda_include_dir()
+    if include is None:
+        raise BuildError("the CUDA headers (cuda_fp16.h) were not found: set CUDA_HOME")
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise BuildError("no C++ compiler found (set CXX)")
+    return [compiler, *HOST_FLAGS, f"-I{include}", "-o", str(out),
+            *map(str, translation_units())]
+
+
+def compile_to(out: Path, command: Callable[[Path], List[str]]) -> Path:
+    """Builds command(path) into a temporary path, then moves it to out in one step:
+    concurrent builds (pytest workers) never load a partial file."""
+    if source_digest() is None:
+        raise BuildError(f"the csrc/ sources are not beside the package ({CSRC})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        argv = command(Path(tmp))
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True)
+        except OSError as error:  # the compiler named is not there
+            raise BuildError(f"{argv[0]} could not be run: {error}") from None
+        if done.returncode != 0:
+            raise BuildError(f"{Path(argv[0]).name} failed ({done.returncode}):\n"
+                             f"{(done.stderr or done.stdout)[-4000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BNKERNELS_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "bnkernels"
+
+
+def cached_path(kind: str) -> Path:
+    """kind: "emulate", or a GPU arch such as "90"."""
+    return cache_dir() / f"{source_digest()}-{kind}" / LIB_NAME
+
+
+def prebuilt_is_current() -> bool:
+    """setup.py's build, made from the sources beside it (or with none to compare)."""
+    if not PREBUILT.exists():
+        return False
+    digest = source_digest()
+    if digest is None:
+        return True  # an installed wheel: the library is all there is
+    return PREBUILT_DIGEST.exists() and PREBUILT_DIGEST.read_text().strip() == digest
+
+
+def build_cached(kind: str) -> Path:
+    """The cached build for kind, compiled first if missing."""
+    path = cached_path(kind)
+    if not path.exists():
+        if kind == "emulate":
+            compile_to(path, emulation_command)
+        else:
+            compile_to(path, lambda out: gpu_command(out, [kind]))
+    return path
+
+
+def build_prebuilt() -> Path:
+    """setup.py: every SETUP_ARCHS, plus PTX, into bnkernels/_lib/ with its digest."""
+    compile_to(PREBUILT, lambda out: gpu_command(out, SETUP_ARCHS, ptx=True))
+    PREBUILT_DIGEST.write_text(source_digest() + "\n")
+    return PREBUILT
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--arch", help="GPU architecture, e.g. 90 for sm_90")
+    group.add_argument("--emulate", action="store_true", help="the CPU emulation build")
+    group.add_argument("--prebuilt", action="store_true", help="what setup.py builds")
+    args = parser.parse_args(argv)
+    try:
+        if args.prebuilt:
+            path = build_prebuilt()
+        else:
+            path = build_cached("emulate" if args.emulate else (args.arch or "90"))
+    except BuildError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+// The kernels of the CUDA C++ backend: the same passes as the Triton kernels, sharing no
+// code with them.
+//
+// A block takes block_c channels and one split of their rows (r = n * S + s,
+// [row0, row_end)); each thread one channel lane and one row lane of `lanes`, visiting
+// every lanes-th row. Grid: (channel blocks, splits).
+//
+//   stats_kernel      forward: one-pass Welford (mean, M2) per thread around K = x[0, c, 0],
+//                     folded over the block's row lanes (Chan et al.). splits > 1: partials
+//                     to the workspace; splits == 1: the final mean/rstd/var, then the
+//                     block normalizes its own rows (one launch per forward).
+//   grad_sums_kernel  backward: sum g and sum g*xhat, g = dL/dz through the fused
+//                     activation; partials, or (splits == 1) the sums then the input gradient.
+//   merge_kernel      one thread per channel folds the splits in split order.
+//   normalize_kernel  the elementwise forward: y = act((x - mean) * gamma * rstd + beta (+ res)).
+//   input_grad_kernel the elementwise backward: dres = dL/dz, and dx =
+//                     gamma * rstd * (g - mean(g) - xhat * mean(g * xhat)) with batch
+//                     statistics, gamma * rstd * g with running ones.
+//
+// Every fold runs in a fixed order through shared memory: results are bitwise reproducible.
+#pragma once
+#include "bn_math.cuh"
+
+// This thread's channel c (lane tc of block_c) and row lane tr (of lanes). Neighbouring
+// threads take neighbouring channels when channels are the contiguous axis, neighbouring
+// rows otherwise, so that a warp's loads are contiguous in both layouts.
+struct Lane {
+  int tc, tr, lanes;
+  int64_t c, row0, row_end;
+  bool active;  // c < C
+};
+
+BNK_DEVICE Lane lane_of(const BnkCall& k) {
+  Lane l;
+  const int tid = threadIdx.x;
+  l.lanes = blockDim.x / k.block_c;
+  l.tc = k.channels_fast ? tid % k.block_c : tid / l.lanes;
+  l.tr = k.channels_fast ? tid / k.block_c : tid % l.lanes;
+  l.c = static_cast<int64_t>(blockIdx.x) * k.block_c + l.tc;
+  l.active = l.c < k.c;
+  l.row0 = static_cast<int64_t>(blockIdx.y) * k.rows_per_split;
+  const int64_t rows = k.n * k.s;
+  l.row_end = l.row0 + k.rows_per_split < rows ? l.row0 + k.rows_per_split : rows;
+  return l;
+}
+
+template <typename F> BNK_DEVICE void for_each_row(const BnkCall& k, const Lane& l, F&& f) {
+  if (!l.active) return;
+  RowWalk w(l.row0 + l.tr, l.lanes, k.s);
+  for (int64_t r = l.row0 + l.tr; r < l.row_end; r += l.lanes, w.next()) f(w);
+}
+
+// A channel's y = (x - mean) * scale + shift: scale = gamma * rstd, shift = beta.
+template <typename Acc> struct Channel {
+  Acc mean, rstd, scale, shift;
+};
+
+template <typename Acc> BNK_DEVICE Channel<Acc> channel(const BnkCall& k, int64_t c, Acc mean, Acc rstd) {
+  Channel<Acc> p;
+  p.mean = mean;
+  p.rstd = rstd;
+  p.scale = k.weight ? load_channel<Acc>(k.weight, k.weight_dtype, c) * rstd : rstd;
+  p.shift = k.bias ? load_channel<Acc>(k.bias, k.bias_dtype, c) : Acc(0);
+  return p;
+}
+
+// From the statistics given: the saved mean and rstd, or the running mean and var.
+template <typename Acc> BNK_DEVICE Channel<Acc> given_channel(const BnkCall& k, int64_t c) {
+  const Acc mean = load_channel<Acc>(k.mean, k.stat_dtype, c);
+  const Acc stat = load_channel<Acc>(k.stat, k.stat_dtype, c);
+  return channel<Acc>(k, c, mean, k.from_running ? inv_std(stat, k.eps) : stat);
+}
+
+// z = (x - mean) * scale + shift (+ residual): (x - mean) first, since for |mean| >> std
+// x * scale + (shift - mean * scale) would cancel. Backward repeats it term for term.
+template <typename T, typename Acc>
+BNK_DEVICE Acc pre_activation(const BnkCall& k, const Channel<Acc>& p, Acc x, const RowWalk& w,
+                              int64_t c, bool with_residual) {
+  Acc z = (x - p.mean) * p.scale + p.shift;
+  if (with_residual) z += load_at<T>(k.res, w.offset(k.res, c));
+  return z;
+}
+
+// dL/dz from g = dL/dy. relu after a residual add reads its mask from the saved output y
+// (in k.res), which torch's relu keeps too; otherwise z is recomputed from x.
+template <typename T, typename Acc>
+BNK_DEVICE Acc epilogue_grad(const BnkCall& k, const Channel<Acc>& p, Acc g, Acc x,
+                             const RowWalk& w, int64_t c) {
+  if (k.activation == 0) return g;
+  if (k.activation == 1 && k.res.ptr) return load_at<T>(k.res, w.offset(k.res, c)) > Acc(0) ? g : Acc(0);
+  return activation_grad(g, pre_activation<T>(k, p, x, w, c, k.res.ptr != nullptr), k.activation);
+}
+
+template <typename T, typename Acc>
+BNK_DEVICE void normalize_rows(const BnkCall& k, const Lane& l, const Channel<Acc>& p) {
+  const bool with_residual = k.res.ptr != nullptr;
+  for_each_row(k, l, [&](const RowWalk& w) {
+    const Acc x = load_at<T>(k.x, w.offset(k.x, l.c));
+    const Acc z = pre_activation<T>(k, p, x, w, l.c, with_residual);
+    store_at<T>(k.out, w.offset(k.out, l.c), activate(z, k.activation));
+  });
+}
+
+// dres = dL/dz where asked; dx into k.out where asked.
+template <typename T, typename Acc>
+BNK_DEVICE void input_grad_rows(const BnkCall& k, const Lane& l, const Channel<Acc>& p,
+                                Acc mean_g, Acc mean_gx) {
+  const bool need_x = k.training || k.activation != 0;
+  for_each_row(k, l, [&](const RowWalk& w) {
+    const Acc x = need_x ? load_at<T>(k.x, w.offset(k.x, l.c)) : Acc(0);
+    const Acc g = epilogue_grad<T>(k, p, load_at<T>(k.g, w.offset(k.g, l.c)), x, w, l.c);
+    if (k.dres.ptr) store_at<T>(k.dres, w.offset(k.dres, l.c), g);
+    if (!k.out.ptr) return;
+    const Acc dx = k.training ? p.scale * (g - mean_g - (x - p.mean) * p.rstd * mean_gx)
+                              : p.scale * g;
+    store_at<T>(k.out, w.offset(k.out, l.c), dx);
+  });
+}
+
+// Folds the row lanes of each channel in a fixed tree order; every lane of the channel
+// gets the result. Every thread of the block must call it (it synchronises).
+template <typename Acc, typename Fold>
+BNK_DEVICE void block_fold(const Lane& l, int block_c, Acc* s0, Acc* s1, Acc* s2, Acc& a,
+                           Acc& b, Acc& n, Fold fold) {
+  const int i = l.tr * block_c + l.tc;
+  s0[i] = a;
+  s1[i] = b;
+  s2[i] = n;
+  bnk_sync();
+  for (int half = l.lanes / 2; half > 0; half /= 2) {
+    if (l.tr < half) {
+      const int j = i + half * block_c;
+      fold(s0[i], s1[i], s2[i], s0[j], s1[j], s2[j]);
+    }
+    bnk_sync();
+  }
+  a = s0[l.tc];
+  b = s1[l.tc];
+  n = s2[l.tc];
+}
+
+struct WelfordFold {
+  template <typename Acc>
+  BNK_DEVICE void operator()(Acc& mean, Acc& m2, Acc& n, Acc mean_b, Acc m2_b, Acc n_b) const {
+    welford_merge(mean, m2, n, mean_b, m2_b, n_b);
+  }
+};
+
+struct SumFold {
+  template <typename Acc>
+  BNK_DEVICE void operator()(Acc& a, Acc& b, Acc&, Acc a2, Acc b2, Acc) const {
+    a += a2;
+    b += b2;
+  }
+};
+
+// part[0, split, c] = a, part[1, split, c] = b.
+template <typename Acc> BNK_DEVICE void store_partials(const BnkCall& k, const Lane& l, Acc a, Acc b) {
+  if (l.tr != 0) return;
+  Acc* part = static_cast<Acc*>(k.workspace);
+  part[blockIdx.y * k.c + l.c] = a;
+  part[(k.splits + blockIdx.y) * k.c + l.c] = b;
+}
+
+template <typename Acc> BNK_DEVICE void store_stat(void* out, int64_t c, Acc v) {
+  if (out) static_cast<Acc*>(out)[c] = v;
+}
+
+template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS stats_kernel(BnkCall k) {
+  typedef typename AccOf<T>::type Acc;
+  BNK_SHARED Acc s_mean[BNK_MAX_THREADS], s_m2[BNK_MAX_THREADS], s_n[BNK_MAX_THREADS];
+  const Lane l = lane_of(k);
+  // Accumulating x - K keeps the running means small: a float32 mean near 1e4 moves in
+  // steps of 1e-3 (the Triton kernel's note on x = 1e4 + randn).
+  const Acc K = l.active ? load_at<T>(k.x, l.c * k.x.sc) : Acc(0);
+  Acc mean = 0, m2 = 0, n = 0;
+  for_each_row(k, l, [&](const RowWalk& w) {  // never E[x^2] - E[x]^2
+    const Acc v = load_at<T>(k.x, w.offset(k.x, l.c)) - K;
+    n += Acc(1);
+    const Acc d = v - mean;
+    mean += loop_div(d, n);
+    m2 += d * (v - mean);
+  });
+  block_fold(l, k.block_c, s_mean, s_m2, s_n, mean, m2, n, WelfordFold());
+  if (!l.active) return;
+  if (k.splits > 1) return store_partials(k, l, mean, m2);
+  const Acc var = m2 / static_cast<Acc>(k.n * k.s);
+  const Acc rstd = inv_std(var, k.eps);
+  if (l.tr == 0) {
+    store_stat(k.stats_out[0], l.c, K + mean);
+    store_stat(k.stats_out[1], l.c, rstd);
+    store_stat(k.stats_out[2], l.c, var);
+  }
+  if (k.out.ptr) normalize_rows<T>(k, l, channel<Acc>(k, l.c, K + mean, rstd));
+}
+
+template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS grad_sums_kernel(BnkCall k) {
+  typedef typename AccOf<T>::type Acc;
+  BNK_SHARED Acc s_g[BNK_MAX_THREADS], s_gx[BNK_MAX_THREADS], s_unused[BNK_MAX_THREADS];
+  const Lane l = lane_of(k);
+  const Channel<Acc> p = l.active ? given_channel<Acc>(k, l.c) : Channel<Acc>();
+  Acc sum_g = 0, sum_gx = 0, unused = 0;
+  for_each_row(k, l, [&](const RowWalk& w) {
+    const Acc x = load_at<T>(k.x, w.offset(k.x, l.c));
+    const Acc g = epilogue_grad<T>(k, p, load_at<T>(k.g, w.offset(k.g, l.c)), x, w, l.c);
+    sum_g += g;
+    sum_gx += g * ((x - p.mean) * p.rstd);
+  });
+  block_fold(l, k.block_c, s_g, s_gx, s_unused, sum_g, sum_gx, unused, SumFold());
+  if (!l.active) return;
+  if (k.splits > 1) return store_partials(k, l, sum_g, sum_gx);
+  if (l.tr == 0) {
+    store_stat(k.stats_out[0], l.c, sum_g);
+    store_stat(k.stats_out[1], l.c, sum_gx);
+  }
+  if (k.out.ptr || k.dres.ptr) {
+    const Acc count = static_cast<Acc>(k.sum_count);
+    input_grad_rows<T>(k, l, p, sum_g / count, sum_gx / count);
+  }
+}
+
+// Split k holds n_k = min(rows_per_split, R - k * rows_per_split) rows; every earlier one is full.
+template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS merge_kernel(BnkCall k, int backward) {
+  typedef typename AccOf<T>::type Acc;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= k.c) return;
+  const Acc* part = static_cast<const Acc*>(k.workspace);
+  const int64_t rows = k.n * k.s;
+  Acc a = 0, b = 0;
+  for (int64_t j = 0; j < k.splits; ++j) {
+    const Acc part_a = part[j * k.c + c], part_b = part[(k.splits + j) * k.c + c];
+    if (backward) {
+      a += part_a;
+      b += part_b;
+      continue;
+    }
+    const int64_t before = j * k.rows_per_split;
+    const int64_t here = rows - before < k.rows_per_split ? rows - before : k.rows_per_split;
+    const Acc n_a = static_cast<Acc>(before), n_b = static_cast<Acc>(here);
+    const Acc w_b = n_b / (n_a + n_b);
+    const Acc delta = part_a - a;
+    a += delta * w_b;
+    b += part_b + delta * delta * n_a * w_b;
+  }
+  if (backward) {
+    store_stat(k.stats_out[0], c, a);
+    store_stat(k.stats_out[1], c, b);
+    return;
+  }
+  const Acc var = b / static_cast<Acc>(rows);
+  store_stat(k.stats_out[0], c, a + load_at<T>(k.x, c * k.x.sc));
+  store_stat(k.stats_out[1], c, inv_std(var, k.eps));
+  store_stat(k.stats_out[2], c, var);
+}
+
+template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS normalize_kernel(BnkCall k) {
+  typedef typename AccOf<T>::type Acc;
+  const Lane l = lane_of(k);
+  if (l.active) normalize_rows<T>(k, l, given_channel<Acc>(k, l.c));
+}
+
+template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS input_grad_kernel(BnkCall k) {
+  typedef typename AccOf<T>::type Acc;
+  const Lane l = lane_of(k);
+  if (!l.active) return;
+  Acc mean_g = 0, mean_gx = 0;
+  if (k.training) {  // the sums of grad_sums_kernel, or given (already divided) means
+    const Acc count = static_cast<Acc>(k.sum_count);
+    mean_g = static_cast<const Acc*>(k.sum_g)[l.c] / count;
+    mean_gx = static_cast<const Acc*>(k.sum_gx)[l.c] / count;
+  }
+  input_grad_rows<T>(k, l, given_channel<Acc>(k, l.c), mean_g, mean_gx);
+}

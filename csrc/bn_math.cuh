@@ -1,0 +1,130 @@
+// Element types, the accumulation type, and the per-element math shared by the kernels:
+// loads and stores, the Welford merge, the activations and their derivatives, and the
+// walk over a channel's rows. The formulas are ../shared/BN_MATH.md's; the Triton kernels
+// (bnkernels/triton_batch_norm.py) compute the same ones in the same order.
+#pragma once
+#include "bnk_api.h"
+#include "portable.cuh"
+
+// Statistics accumulate in float32, float64 for float64 inputs.
+template <typename T> struct AccOf { typedef float type; };
+template <> struct AccOf<double> { typedef double type; };
+
+BNK_DEVICE float to_acc(float v) { return v; }
+BNK_DEVICE double to_acc(double v) { return v; }
+BNK_DEVICE float to_acc(__half v) { return __half2float(v); }
+BNK_DEVICE float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> BNK_DEVICE T from_acc(float v) { return v; }
+template <> BNK_DEVICE __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> BNK_DEVICE __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <typename T> BNK_DEVICE T from_acc(double v) { return v; }
+
+// A per-channel vector's element i, whatever its dtype (AMP keeps float32 parameters
+// beside float16 inputs; a .half() model keeps float16 running statistics).
+template <typename Acc> BNK_DEVICE Acc load_channel(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case BNK_F16: return to_acc(static_cast<const __half*>(p)[i]);
+    case BNK_BF16: return to_acc(static_cast<const __nv_bfloat16*>(p)[i]);
+    case BNK_F64: return static_cast<Acc>(static_cast<const double*>(p)[i]);
+    default: return static_cast<Acc>(static_cast<const float*>(p)[i]);
+  }
+}
+
+// sqrt, exp and erf of the accumulation type. Without -use_fast_math, sqrtf and the
+// division below are correctly rounded, as the Triton kernels' sqrt_rn and division.
+BNK_DEVICE float bnk_sqrt(float v) { return sqrtf(v); }
+BNK_DEVICE double bnk_sqrt(double v) { return sqrt(v); }
+BNK_DEVICE float bnk_exp(float v) { return expf(v); }
+BNK_DEVICE double bnk_exp(double v) { return exp(v); }
+BNK_DEVICE float bnk_erf(float v) { return erff(v); }
+BNK_DEVICE double bnk_erf(double v) { return erf(v); }
+
+// a / b inside the per-element loops. float32: a * rcp(b) (__fdividef, within 2 ulp), since
+// the correctly rounded division branches to a slow-path subroutine whose call makes
+// ptxas spill the loop's live offsets to local memory (seen on sm_80). float64: exact.
+BNK_DEVICE float loop_div(float a, float b) {
+#ifdef BNK_EMULATE
+  return a * (1.0f / b);
+#else
+  return __fdividef(a, b);
+#endif
+}
+BNK_DEVICE double loop_div(double a, double b) { return a / b; }
+
+template <typename Acc> BNK_DEVICE Acc inv_std(Acc var, double eps) {
+  return Acc(1) / bnk_sqrt(var + static_cast<Acc>(eps));
+}
+
+// Chan, Golub & LeVeque: fold partial b = (mean_b, m2_b, n_b) into a, exactly; empty
+// partials are a no-op.
+template <typename Acc>
+BNK_DEVICE void welford_merge(Acc& mean_a, Acc& m2_a, Acc& n_a, Acc mean_b, Acc m2_b, Acc n_b) {
+  const Acc n = n_a + n_b;
+  if (n == Acc(0)) return;
+  const Acc w_b = n_b / n;
+  const Acc delta = mean_b - mean_a;
+  mean_a += delta * w_b;
+  m2_a += m2_b + delta * delta * n_a * w_b;
+  n_a = n;
+}
+
+// act(z): 0 identity, 1 relu, 2 silu, 3 gelu (erf). relu keeps NaN, as torch.relu.
+template <typename Acc> BNK_DEVICE Acc activate(Acc z, int activation) {
+  switch (activation) {
+    case 1: return z < Acc(0) ? Acc(0) : z;
+    case 2: return z * loop_div(Acc(1), Acc(1) + bnk_exp(-z));
+    case 3: return Acc(0.5) * z * (Acc(1) + bnk_erf(z * Acc(0.7071067811865476)));
+    default: return z;
+  }
+}
+
+// dL/dz = g * act'(z) (relu: torch's rule, g where z > 0).
+template <typename Acc> BNK_DEVICE Acc activation_grad(Acc g, Acc z, int activation) {
+  switch (activation) {
+    case 1: return z > Acc(0) ? g : Acc(0);
+    case 2: {
+      const Acc s = loop_div(Acc(1), Acc(1) + bnk_exp(-z));
+      return g * (s * (Acc(1) + z * (Acc(1) - s)));
+    }
+    case 3: {
+      const Acc cdf = Acc(0.5) * (Acc(1) + bnk_erf(z * Acc(0.7071067811865476)));
+      const Acc pdf = bnk_exp(Acc(-0.5) * z * z) * Acc(0.3989422804014327);  // 1/sqrt(2 pi)
+      return g * (cdf + z * pdf);
+    }
+    default: return g;
+  }
+}
+
+// Walks the rows r = r0, r0 + step, ... of a channel (r = n * S + s) keeping (n, s), so
+// that no element pays a division; offsets are int64 whatever the size.
+struct RowWalk {
+  int64_t n, s, S, dn, ds;
+  BNK_DEVICE RowWalk(int64_t r0, int64_t step, int64_t S_) : S(S_) {
+    n = r0 / S;
+    s = r0 - n * S;
+    dn = step / S;
+    ds = step - dn * S;
+  }
+  BNK_DEVICE int64_t offset(const BnkTensor& t, int64_t c) const {
+    return n * t.sn + c * t.sc + s * t.ss;
+  }
+  BNK_DEVICE void next() {
+    n += dn;
+    s += ds;
+    if (s >= S) {
+      s -= S;
+      ++n;
+    }
+  }
+};
+
+template <typename T> BNK_DEVICE typename AccOf<T>::type load_at(const BnkTensor& t, int64_t i) {
+  return to_acc(static_cast<const T*>(t.ptr)[i]);
+}
+
+template <typename T, typename Acc> BNK_DEVICE void store_at(const BnkTensor& t, int64_t i, Acc v) {
+  static_cast<T*>(t.ptr)[i] = from_acc<T>(v);
+}

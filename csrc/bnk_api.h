@@ -1,0 +1,67 @@
+// The C ABI of libbnkernels_cuda: one struct describes a call, two entry points run it.
+//
+// bnkernels/cuda_library.py mirrors BnkCall field for field with ctypes, and checks the
+// offsets this library reports (bnk_call_offsets) when it loads it, so the two can't drift.
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Element types (BnkCall.dtype, and the dtype of each per-channel vector).
+enum { BNK_F32 = 0, BNK_F16 = 1, BNK_BF16 = 2, BNK_F64 = 3 };
+
+// A tensor of shape (N, C, *spatial) read as (N, C, S) through three strides, in elements.
+typedef struct {
+  void* ptr;  // NULL: the call has no such tensor
+  int64_t sn, sc, ss;
+} BnkTensor;
+
+typedef struct {
+  int64_t n, c, s;
+  // Element tensors, all of type `dtype`. g: dL/dy. res: the residual (forward, and
+  // backward for silu/gelu), or the saved output y (backward for relu: relu' = y > 0).
+  // out: y forward, dx backward. dres: the residual's gradient dL/dz (backward).
+  BnkTensor x, g, res, out, dres;
+  const void* weight;  // (C,) of weight_dtype, or NULL (gamma = 1)
+  const void* bias;    // (C,) of bias_dtype, or NULL (beta = 0)
+  const void* mean;    // (C,) of stat_dtype: the saved batch mean, or the running mean
+  const void* stat;    // (C,) of stat_dtype: the saved rstd, or the running var (from_running)
+  const void* sum_g;   // (C,) acc: given mean(g), mean(g * xhat) for the three-path dx
+  const void* sum_gx;  //   (input_grad), already divided: sum_count = 1
+  // (C,) acc outputs; NULL: not wanted. Forward training: mean, rstd, biased var.
+  // Backward: sum g, sum g*xhat (their presence asks for the reduction).
+  void* stats_out[3];
+  void* workspace;  // acc, 2 * splits * C; used when splits > 1
+  double eps;
+  double sum_count;  // the divisor of the sums in the three-path dx (m = N*S)
+  int32_t dtype, weight_dtype, bias_dtype, stat_dtype;
+  int32_t activation;     // 0 identity, 1 relu, 2 silu, 3 gelu (erf)
+  int32_t training;       // forward: batch statistics; backward: the three-path dx
+  int32_t from_running;   // stat is a variance: rstd = 1 / sqrt(stat + eps)
+  int32_t channels_fast;  // neighbouring threads take neighbouring channels (channels_last)
+  int32_t threads;        // per block, a power of two <= BNK_MAX_THREADS
+  int32_t block_c;        // channels per block, a power of two dividing threads
+  int32_t splits;         // blocks sharing a channel block, rows_per_split rows each
+  int32_t device;         // the CUDA device of every pointer
+  int64_t rows_per_split;
+  void* stream;  // cudaStream_t to launch on (torch's current stream)
+} BnkCall;
+
+#define BNK_MAX_THREADS 256
+
+// y = act(bn(x) + res); with training, also the batch statistics (and with out.ptr NULL,
+// only them). 0 on success, else a CUDA error code for bnk_error_string.
+int bnk_forward(const BnkCall* call);
+// dx (out), dres, and with stats_out the sums; see bnkernels/cuda_batch_norm.py.
+int bnk_backward(const BnkCall* call);
+const char* bnk_error_string(int code);
+// sizeof(BnkCall), then each field's offset in declaration order; returns the count.
+int bnk_call_offsets(int64_t* out, int capacity);
+// Launches so far, per kernel: reduce, merge, apply, fused (reduce then apply).
+void bnk_launch_counts(int64_t out[4]);
+
+#ifdef __cplusplus
+}
+#endif
