@@ -2,12 +2,13 @@
 
     python bench/bench_bn.py [--quick] [--out DIR] [--dtypes float32,bfloat16] [--layouts nchw,nhwc]
 
-Providers: bnkernels_triton; torch (nn.functional.batch_norm, cuDNN where torch picks it);
-torch_native (cuDNN disabled); inductor (torch.compile of the same F.batch_norm call).
+Providers: bnkernels_triton and bnkernels_cuda (bnkernels.batch_norm with
+BNKERNELS_BACKEND=triton / cuda); torch (nn.functional.batch_norm, cuDNN where torch picks
+it); torch_native (cuDNN disabled); inductor (torch.compile of the same F.batch_norm call).
 Ops: fwd_train (batch statistics + running-stat update), bwd (the backward alone),
 fwd_eval, and one `copy` row per run (a device-to-device copy: the bandwidth ceiling).
 --ops bnrelu_fwd_train,bnrelu_bwd,bnaddrelu_fwd_train,bnaddrelu_bwd: the fused epilogues
-relu(bn(x)) and relu(bn(x) + r), fused in bnkernels_triton, separate ops elsewhere.
+relu(bn(x)) and relu(bn(x) + r), fused in bnkernels_*, separate ops elsewhere.
 
 Timing: triton.testing.do_bench (it flushes L2 before every repetition), median with the
 20th/80th percentiles; each provider gets fresh inputs, and its output is checked against
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,9 +39,9 @@ RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (
                    (512, 28, 28), (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14),
                    (512, 7, 7), (2048, 7, 7)]
 QUICK_SHAPES = [(64, 112, 112), (256, 56, 56), (2048, 7, 7)]
-PROVIDERS = ["bnkernels_triton", "torch", "torch_native", "inductor"]
+PROVIDERS = ["bnkernels_triton", "bnkernels_cuda", "torch", "torch_native", "inductor"]
 OPS = ["fwd_train", "bwd", "fwd_eval"]
-# Fused epilogues: relu(bn(x)) and relu(bn(x) + r); bnkernels_triton runs them fused, the
+# Fused epilogues: relu(bn(x)) and relu(bn(x) + r); bnkernels_* run them fused, the
 # other providers as torch's separate ops (inductor: torch.compile of those ops).
 FUSED_OPS = ["bnrelu_fwd_train", "bnrelu_bwd", "bnaddrelu_fwd_train", "bnaddrelu_bwd"]
 # Tensor sizes the fused kernels move (x read twice in training; the residual once more
@@ -76,10 +76,10 @@ class _Case:
         if op.startswith("bnaddrelu"):
             self.residual = torch.randn(shape, generator=gen, device=device).to(dtype)
             self.residual = self.residual.contiguous(memory_format=fmt)
-        if provider == "bnkernels_triton" and fused:
+        if provider in common.BNKERNELS_PROVIDERS and fused:
             fn = functools.partial(bnkernels.batch_norm, activation="relu",
                                    residual=self.residual)
-        elif provider == "bnkernels_triton":
+        elif provider in common.BNKERNELS_PROVIDERS:
             fn = bnkernels.batch_norm
         else:
             fn = functools.partial(_unfused, residual=self.residual) if fused else F.batch_norm
@@ -152,7 +152,7 @@ def _check(case, reference, dtype):
 def run(args) -> list[dict]:
     device = "cpu" if args.smoke else "cuda"
     if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        common.emulate_on_cpu()
     shapes = [(4, 6, 6), (8, 3, 3)] if args.smoke else (
         QUICK_SHAPES if args.quick else RESNET50_SHAPES)
     providers = [p for p in args.providers.split(",") if p]
@@ -184,9 +184,10 @@ def run(args) -> list[dict]:
         shape = (args.batch, c, h, w)
         reference = _Case(op, "torch", shape, dtype, layout, device).output()
         for provider in providers:
-            case = _Case(op, provider, shape, dtype, layout, device)
-            _check(case, reference, dtype)
-            med, p20, p80 = _time(case.timed_call(), device)
+            with common.backend_for(provider):
+                case = _Case(op, provider, shape, dtype, layout, device)
+                _check(case, reference, dtype)
+                med, p20, p80 = _time(case.timed_call(), device)
             moved = TENSORS_MOVED[op] * case.x.numel() * case.x.element_size()
             rows.append(dict(op=op, layout=layout, dtype=dname, N=shape[0], C=c, H=h, W=w,
                              provider=provider, median_ms=med, p20_ms=p20, p80_ms=p80,
@@ -200,14 +201,6 @@ def run(args) -> list[dict]:
     if progress is not None:
         progress.close()
     return rows
-
-
-def write(rows, out_dir: Path) -> Path:
-    path = out_dir / "bn.csv"
-    with common.csv_rows(path, COLUMNS) as emit:
-        for row in rows:
-            emit(row)
-    return path
 
 
 def main(argv=None) -> int:
@@ -230,9 +223,7 @@ def main(argv=None) -> int:
               "the harness, or `python -m bnkernels.selfcheck` for correctness).")
         return 2
     rows = run(args)
-    out = args.out or Path(__file__).resolve().parent / "results" / common.results_dir_name(
-        "cpu" if args.smoke else "cuda")
-    path = write(rows, out)
+    path = common.append_rows(args.out, "cpu" if args.smoke else "cuda", "bn.csv", COLUMNS, rows)
     print(f"{len(rows)} rows appended to {path}")
     return 0
 

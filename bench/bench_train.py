@@ -72,8 +72,6 @@ def main(argv=None) -> int:
     base = base.to(args.device).to(memory_format=torch.channels_last)
     meta = dict(device=common.device_name(args.device), torch=torch.__version__,
                 triton=common.triton_version(), commit=common.commit())
-    out = args.out or Path(__file__).resolve().parent / "results" / common.results_dir_name(args.device)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for variant in args.variants.split(","):
         model = copy.deepcopy(base)
@@ -91,10 +89,7 @@ def main(argv=None) -> int:
                          step_ms=ms, peak_mem_gb=peak, **meta))
         print(f"{variant}: {ips:.1f} images/s, {ms:.1f} ms/step, peak {peak:.2f} GB", flush=True)
         del model
-    path = out / "train.csv"
-    with common.csv_rows(path, COLUMNS) as emit:
-        for row in rows:
-            emit(row)
+    path = common.append_rows(args.out, args.device, "train.csv", COLUMNS, rows)
     print(f"rows appended to {path}")
     return 0
 

@@ -4,8 +4,37 @@ import csv
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
+
+
+# The bench providers that are bnkernels, and the BNKERNELS_BACKEND each runs with.
+BNKERNELS_PROVIDERS = {"bnkernels_triton": "triton", "bnkernels_cuda": "cuda"}
+
+
+@contextlib.contextmanager
+def backend_for(provider: str):
+    """BNKERNELS_BACKEND set for a bnkernels provider (read by every bnkernels call, the
+    backward included), as it was for any other."""
+    name = BNKERNELS_PROVIDERS.get(provider)
+    before = os.environ.get("BNKERNELS_BACKEND")
+    if name:
+        os.environ["BNKERNELS_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("BNKERNELS_BACKEND", None)
+        else:
+            os.environ["BNKERNELS_BACKEND"] = before
+
+
+def emulate_on_cpu() -> None:
+    """A CPU smoke run: both backends' kernels on CPU tensors (the Triton interpreter, the
+    emulation build of csrc/); set before bnkernels' Triton module is imported."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("BNKERNELS_CUDA_EMULATE", "1")
 
 
 def commit() -> str:
@@ -42,6 +71,17 @@ def results_dir_name(device: str) -> str:
         if tag in name:
             return tag.lower()
     return device_name(device).lower()
+
+
+def append_rows(out_dir, device: str, filename: str, columns, rows) -> Path:
+    """Appends rows to out_dir/filename, out_dir defaulting to bench/results/<device's
+    folder> (results_dir_name); returns the path."""
+    out = out_dir or Path(__file__).resolve().parent / "results" / results_dir_name(device)
+    path = out / filename
+    with csv_rows(path, columns) as emit:
+        for row in rows:
+            emit(row)
+    return path
 
 
 @contextlib.contextmanager

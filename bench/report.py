@@ -20,6 +20,7 @@ TARGET_WORST = 0.95
 TARGET_BANDWIDTH = 0.85
 LARGE_BYTES = 64 * 2**20
 ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+OURS = ("bnkernels_triton", "bnkernels_cuda")  # the providers the targets are for
 
 
 def _geomean(values):
@@ -79,19 +80,21 @@ def markdown(rows) -> str:
         out.append("| geomean speedup | " + " | ".join(
             f"{_geomean(speedups[p]):.2f}x" for p in providers) + " |")
         out.append("")
-        ours = speedups.get("bnkernels_triton")
-        if ours and op in TARGET_GEOMEAN:  # the fused ops have no target of their own
+        for name in OURS:
+            ours = speedups.get(name)
+            if not ours or op not in TARGET_GEOMEAN:  # the fused ops have no target of their own
+                continue
             ok = (_geomean(ours) >= TARGET_GEOMEAN[op] and min(ours) >= TARGET_WORST and
                   ("inductor" not in speedups or _geomean(ours) >= _geomean(speedups["inductor"])))
-            verdicts.append(f"- {op} {dtype} {layout}: geomean {_geomean(ours):.2f}x "
+            verdicts.append(f"- {name} {op} {dtype} {layout}: geomean {_geomean(ours):.2f}x "
                             f"(target {TARGET_GEOMEAN[op]}x), worst {min(ours):.2f}x: "
                             f"{'meets' if ok else 'MISSES'} the target")
     large = [(r, float(r["gbps"]) / copy_gbps) for r in rows
-             if r["op"] != "copy" and r["provider"] == "bnkernels_triton"
+             if r["op"] != "copy" and r["provider"] in OURS
              and int(r["N"]) * int(r["C"]) * int(r["H"]) * int(r["W"]) * ELEMENT_SIZE[r["dtype"]]
              >= LARGE_BYTES]
-    below = [f"{r['op']} {r['dtype']} {r['layout']} C={r['C']} {r['H']}x{r['W']}: {100 * f:.0f}%"
-             for r, f in large if f < TARGET_BANDWIDTH]
+    below = [f"{r['provider']} {r['op']} {r['dtype']} {r['layout']} C={r['C']} "
+             f"{r['H']}x{r['W']}: {100 * f:.0f}%" for r, f in large if f < TARGET_BANDWIDTH]
     out += ["## Targets", ""] + verdicts + [
         f"- tensors >= 64 MB at >= {100 * TARGET_BANDWIDTH:.0f}% of copy bandwidth: "
         + ("all" if not below else f"{len(below)} of {len(large)} below: " + "; ".join(below))]

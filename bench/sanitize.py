@@ -1,36 +1,61 @@
 """A short forward + backward of every kernel variant, for compute-sanitizer:
 
-    compute-sanitizer --tool memcheck  python bench/sanitize.py
-    compute-sanitizer --tool racecheck python bench/sanitize.py
+    compute-sanitizer --tool memcheck  python bench/sanitize.py [triton,cuda]
+    compute-sanitizer --tool racecheck python bench/sanitize.py [triton,cuda]
 
-NCHW and channels_last, training and eval, float32 and bfloat16, odd sizes (masked tails),
-many programs per channel. Exits non-zero if an output is not finite.
+On each backend named (default both): NCHW and channels_last, training and eval, float32
+and bfloat16, odd sizes (masked tails), one block per channel and many (split rows), and
+the fused relu(bn(x) + residual). Exits non-zero if an output is not finite.
 """
+import os
 import sys
 
 import torch
 
 import bnkernels
 
+SHAPES = [(3, 5, 7, 9), (16, 64, 28, 28), (2, 2048, 7, 7)]
 
-def main() -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def _outputs(shape, fmt, dtype, training, device):
+    c = shape[1]
+    bn = bnkernels.BatchNorm2d(c).to(device).train(training)
+    act = bnkernels.BatchNormAct2d(c, activation="relu").to(device).train(training)
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    r = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    x.requires_grad_(True), r.requires_grad_(True)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype != torch.float32)
+    with autocast:
+        y = bn(x)
+        z = act(x, r)
+    (y.float().sum() + (z.float() * 2).sum()).backward()
+    return (y, z, x.grad, r.grad, bn.weight.grad, bn.bias.grad, bn.running_var, act.weight.grad)
+
+
+def run(backend: str, device: str) -> int:
+    os.environ["BNKERNELS_BACKEND"] = backend
     bad = 0
-    for shape in [(3, 5, 7, 9), (16, 64, 28, 28), (2, 2048, 7, 7)]:
+    for shape in SHAPES:
         for fmt in (torch.contiguous_format, torch.channels_last):
             for dtype in (torch.float32, torch.bfloat16):
                 for training in (True, False):
-                    bn = bnkernels.BatchNorm2d(shape[1]).to(device).train(training)
-                    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-                    x.requires_grad_(True)
-                    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype != torch.float32):
-                        y = bn(x)
-                    y.backward(torch.randn_like(y))
-                    for t in (y, x.grad, bn.weight.grad, bn.bias.grad, bn.running_var):
-                        bad += not torch.isfinite(t).all().item()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    print("sanitize run:", "non-finite outputs" if bad else "all outputs finite")
+                    outputs = _outputs(shape, fmt, dtype, training, device)
+                    bad += sum(not torch.isfinite(t).all().item() for t in outputs)
+    return bad
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    backends = (argv[0] if argv else "triton,cuda").split(",")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bad = 0
+    for backend in backends:
+        found = run(backend, device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        print(f"sanitize run, {backend}:", f"{found} non-finite outputs" if found
+              else "all outputs finite")
+        bad += found
     return 1 if bad else 0
 
 

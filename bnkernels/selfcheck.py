@@ -1,8 +1,10 @@
 """python -m bnkernels.selfcheck: bnkernels against torch.nn.BatchNorm2d on this machine.
 
-The main job's answer where there is no CUDA GPU: the real Triton kernels run through the
-interpreter on CPU tensors (TRITON_INTERPRET=1) and are compared with torch, forward and
-backward, training and eval, for a few layouts and dtypes. Timings need a GPU.
+The main job's answer where there is no CUDA GPU: the real kernels of both backends run on
+CPU tensors (Triton's through its interpreter, TRITON_INTERPRET=1; csrc/'s CUDA C++ through
+its emulation build, BNKERNELS_CUDA_EMULATE=1, where the CUDA headers are installed) and
+are compared with torch, forward and backward, training and eval, for a few layouts and
+dtypes. Timings need a GPU.
 """
 from __future__ import annotations
 
@@ -46,16 +48,9 @@ def _max_errors(shape, dtype, layout, training, device):
             for n, a, b in zip(names, results[1], results[0])}
 
 
-def main() -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("BNKERNELS_BACKEND", "triton")
-    from bnkernels.triton_batch_norm import launch_counts
-
-    print(f"bnkernels self-check on {device} (torch {torch.__version__}); "
-          f"backend={os.environ['BNKERNELS_BACKEND']}, "
-          f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+def _check(backend: str, device: str) -> int:
+    """Failures of one backend over CASES, printed as a table."""
+    os.environ["BNKERNELS_BACKEND"] = backend
     print(f"{'shape':<18}{'dtype':<10}{'layout':<7}{'mode':<7}{'worst relative error':<32}result")
     failed = 0
     for shape, dtype, layout in CASES:
@@ -67,9 +62,33 @@ def main() -> int:
             print(f"{str(shape):<18}{str(dtype)[6:]:<10}{layout:<7}"
                   f"{'train' if training else 'eval':<7}{f'{errors[worst]:.2e} ({worst})':<32}"
                   f"{'PASS' if ok else 'FAIL'}")
+    return failed
+
+
+def main() -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # both backends' kernels on CPU tensors
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("BNKERNELS_CUDA_EMULATE", "1")
+    from bnkernels import cuda_library
+    from bnkernels.triton_batch_norm import launch_counts
+
+    print(f"bnkernels self-check on {device} (torch {torch.__version__}); "
+          f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+          f"BNKERNELS_CUDA_EMULATE={os.environ.get('BNKERNELS_CUDA_EMULATE', '0')}")
+    print("\nbackend triton (Triton kernels)")
+    failed = _check("triton", device)
     print(f"Triton kernel launches: {dict(launch_counts)}")
+    print("\nbackend cuda (csrc/'s CUDA C++ kernels)")
+    try:
+        cuda_library.library(torch.device(device))
+    except RuntimeError as error:  # no toolkit to build it: say so, don't fail
+        print(f"skipped: {error}")
+    else:
+        failed += _check("cuda", device)
+        print(f"CUDA C++ kernel launches: {cuda_library.launch_counts()}")
     if device == "cpu":
-        print("No CUDA GPU here: correctness only. Timings against cuDNN need a GPU "
+        print("\nNo CUDA GPU here: correctness only. Timings against cuDNN need a GPU "
               "(make bench on a CUDA machine runs bench/bench_bn.py).")
     print("self-check", "FAILED" if failed else "passed")
     return 1 if failed else 0

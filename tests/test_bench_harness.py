@@ -18,7 +18,7 @@ def test_smoke_run_writes_the_csv(tmp_path):
     assert rows[0]["op"] == "copy"
     seen = {(r["op"], r["layout"], r["provider"]) for r in rows[1:]}
     assert seen == {(op, layout, p) for op in bench_bn.OPS for layout in ("nchw", "nhwc")
-                    for p in ("bnkernels_triton", "torch", "torch_native")}
+                    for p in ("bnkernels_triton", "bnkernels_cuda", "torch", "torch_native")}
     assert all(float(r["median_ms"]) > 0 and float(r["gbps"]) > 0 for r in rows)
 
 
@@ -42,3 +42,17 @@ def test_fused_ops_smoke(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["op"] for r in rows[1:]} == set(bench_bn.FUSED_OPS)
     assert report.main([str(tmp_path / "bn.csv")]) == 0
+
+
+def test_launch_bench_smoke(tmp_path):
+    import bench_launch
+
+    assert bench_launch.main(["--smoke", "--out", str(tmp_path)]) == 0
+    with (tmp_path / "launch.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0].keys()) == bench_launch.COLUMNS
+    seen = {(r["op"], r["provider"]) for r in rows}
+    launchers = {"launch_triton", "launch_cuda"}
+    assert seen == {(op, p) for op in bench_launch.OPS for p in bench_launch.PROVIDERS
+                    if not (op == "train_step" and p in launchers)}
+    assert all(float(r["host_us_median"]) > 0 for r in rows)

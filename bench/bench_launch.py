@@ -1,0 +1,131 @@
+"""Host time per call on small shapes, where launching is the whole cost: triton, cuda, torch.
+
+    python bench/bench_launch.py [--out DIR] [--calls 2000] [--smoke]
+
+Shapes: N = 1 and 8 at 7x7 (C = 512, 2048) and 14x14 (C = 256, 1024), ResNet-50's late
+stages, bfloat16, NCHW. Ops: fwd_eval (inference), fwd_train, train_step (forward and
+backward). Providers:
+  bnkernels_triton, bnkernels_cuda   bnkernels.batch_norm with BNKERNELS_BACKEND=triton /
+                                     cuda: what a user's call costs (checks, custom op, launch)
+  launch_triton, launch_cuda         the backend's forward alone (fwd_* only): the launcher
+  torch                              torch.nn.functional.batch_norm (cuDNN)
+
+Host time: time.perf_counter_ns around each call, not waiting for the GPU (median,
+20th/80th percentiles over --calls calls after warm-up). The queue is drained (synchronize)
+every 50 calls, outside the timed region, so a slow GPU never blocks a launch.
+Rows are appended to DIR/launch.csv (default bench/results/<gpu>/), with the device,
+versions and commit. --smoke: tiny run on CPU (interpreter / emulation), checks the harness.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+COLUMNS = ["op", "dtype", "N", "C", "H", "W", "provider", "host_us_median", "host_us_p20",
+           "host_us_p80", "calls", "gpu", "torch", "triton", "cuda", "commit"]
+SHAPES = [(n, c, hw, hw) for n in (1, 8) for c, hw in ((512, 7), (2048, 7), (256, 14),
+                                                       (1024, 14))]
+OPS = ["fwd_eval", "fwd_train", "train_step"]
+PROVIDERS = ["bnkernels_triton", "bnkernels_cuda", "launch_triton", "launch_cuda", "torch"]
+SYNC_EVERY = 50
+
+
+def _call(op, provider, shape, dtype, device):
+    """The function to time (no arguments), or None where the provider has no such op."""
+    import bnkernels
+    from bnkernels import backend
+
+    c = shape[1]
+    x = torch.randn(shape, device=device).to(dtype)
+    weight, bias = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    training = op != "fwd_eval"
+    if provider.startswith("launch_"):
+        if op == "train_step":
+            return None
+        module = backend.select(x)  # under backend_for(provider): the provider's module
+        return lambda: module.forward(x, weight, bias, rm, rv, training, 1e-5)
+    fn = F.batch_norm if provider == "torch" else bnkernels.batch_norm
+    if op != "train_step":
+        return lambda: fn(x, rm, rv, weight, bias, training, 0.1, 1e-5)
+    leaf = x.detach().requires_grad_(True)
+    grad = torch.randn_like(x)
+    return lambda: fn(leaf, rm, rv, weight, bias, True, 0.1, 1e-5).backward(grad)
+
+
+def _host_times_us(fn, calls, device):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(20):  # warm-up: JIT compiles, library loads, allocator caches
+        fn()
+    sync()
+    samples = []
+    for i in range(calls):
+        start = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - start) / 1e3)
+        if (i + 1) % SYNC_EVERY == 0:
+            sync()
+    sync()
+    q = statistics.quantiles(samples, n=10)
+    return statistics.median(samples), q[1], q[7]
+
+
+def run(args) -> list:
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cpu":
+        common.emulate_on_cpu()
+    shapes = [(2, 8, 3, 3)] if args.smoke else SHAPES
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    meta = dict(gpu=common.device_name(device), torch=torch.__version__,
+                triton=common.triton_version(), cuda=torch.version.cuda or "none",
+                commit=common.commit())
+    rows = []
+    for op in OPS:
+        for shape in shapes:
+            line = []
+            for provider in PROVIDERS:
+                backend_name = provider.replace("launch_", "bnkernels_")
+                with common.backend_for(backend_name):
+                    fn = _call(op, provider, shape, dtype, device)
+                    if fn is None:
+                        continue
+                    med, p20, p80 = _host_times_us(fn, args.calls, device)
+                rows.append(dict(op=op, dtype=str(dtype).replace("torch.", ""), N=shape[0],
+                                 C=shape[1], H=shape[2], W=shape[3], provider=provider,
+                                 host_us_median=med, host_us_p20=p20, host_us_p80=p80,
+                                 calls=args.calls, **meta))
+                line.append(f"{provider} {med:.1f}")
+            print(f"{op} {shape}: " + ", ".join(line) + " us", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--smoke", action="store_true", help="tiny run on CPU: harness check")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.calls = min(args.calls, 30)
+    elif not torch.cuda.is_available():
+        print("bench_launch.py times launches on a CUDA GPU; there is none here (--smoke "
+              "checks the harness).")
+        return 2
+    rows = run(args)
+    path = common.append_rows(args.out, "cpu" if args.smoke else "cuda", "launch.csv", COLUMNS,
+                              rows)
+    print(f"{len(rows)} rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
