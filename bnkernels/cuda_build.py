@@ -104,14 +104,18 @@ def gpu_command(out: Path, archs: Sequence[str], ptx: bool = False) -> List[str]
             *map(str, translation_units())]
 
 
+def host_compiler() -> str:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise BuildError("no C++ compiler found (set CXX)")
+    return compiler
+
+
 def emulation_command(out: Path) -> List[str]:
     include = cuda_include_dir()
     if include is None:
         raise BuildError("the CUDA headers (cuda_fp16.h) were not found: set CUDA_HOME")
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise BuildError("no C++ compiler found (set CXX)")
-    return [compiler, *HOST_FLAGS, f"-I{include}", "-o", str(out),
+    return [host_compiler(), *HOST_FLAGS, f"-I{include}", "-o", str(out),
             *map(str, translation_units())]
 
 

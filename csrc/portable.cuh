@@ -17,6 +17,7 @@
 #define BNK_LAUNCH_BOUNDS
 using bnk_emu::blockDim;
 using bnk_emu::blockIdx;
+using bnk_emu::gridDim;
 using bnk_emu::threadIdx;
 inline void bnk_sync() { bnk_emu::syncthreads(); }
 // An int: 0 or an error code. (kernel is one template-id: no commas outside __VA_ARGS__.)

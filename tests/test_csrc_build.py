@@ -41,3 +41,55 @@ def test_emulation_build_compiles_cleanly(tmp_path):
     command = cuda_build.emulation_command(tmp_path / "lib.so") + ["-Wall", "-Wextra", "-Werror"]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+EMULATOR_CHECK = r"""
+#include <cstdio>
+#include "portable.cuh"
+
+// A block sum through "shared" memory, and a kernel whose thread 0 leaves before a barrier.
+BNK_GLOBAL void block_sum(int* out) {
+  BNK_SHARED int partial[64];
+  partial[threadIdx.x] = blockIdx.x * 100 + threadIdx.x;
+  bnk_sync();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+    bnk_sync();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x + gridDim.x * blockIdx.y] = partial[0];
+}
+
+BNK_GLOBAL void divergent(int* out) {
+  if (threadIdx.x == 0) return;
+  bnk_sync();
+  out[0] = 1;
+}
+
+int main() {
+  int sums[6] = {0};
+  int ok = BNK_LAUNCH(block_sum, dim3(3, 2), dim3(64), nullptr, sums);
+  int bad = BNK_LAUNCH(divergent, dim3(1), dim3(8), nullptr, sums);
+  printf("%d %d", ok, bad);
+  for (int s : sums) printf(" %d", s);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(cuda_build.cuda_include_dir() is None, reason="no CUDA headers")
+def test_emulator_shares_block_memory_and_catches_divergent_barriers(tmp_path):
+    """What the CPU test suite relies on: a block's threads share its static arrays and
+    meet at each barrier; a barrier only some threads reach is an error, not a hang."""
+    source = tmp_path / "check.cpp"
+    source.write_text(EMULATOR_CHECK)
+    binary = tmp_path / "check"
+    build = subprocess.run(
+        [cuda_build.host_compiler(), "-std=c++17", "-O1", "-DBNK_EMULATE",
+         f"-I{cuda_build.CSRC}", f"-I{cuda_build.cuda_include_dir()}", "-o", str(binary),
+         str(source)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    ok, bad, *sums = map(int, subprocess.run([str(binary)], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    assert ok == 0 and bad != 0  # BNK_EMU_DIVERGENT_BARRIER
+    # block (bx, by) sums bx*100*64 + (0 + ... + 63), with bx the grid's x index
+    assert sums == [bx * 6400 + 2016 for by in range(2) for bx in range(3)]
