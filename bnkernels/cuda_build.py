@@ -136,6 +136,7 @@ def compile_to(out: Path, command: Callable[[Path], List[str]]) -> Path:
         if done.returncode != 0:
             raise BuildError(f"{Path(argv[0]).name} failed ({done.returncode}):\n"
                              f"{(done.stderr or done.stdout)[-4000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it private to this user
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
