@@ -42,6 +42,17 @@ def ncs_shape(x: torch.Tensor) -> Tuple[int, int, int]:
 
 def ncs_strides(t: torch.Tensor) -> Optional[Strides]:
     """(sN, sC, sS) of t read as (N, C, S), or None when its spatial dims don't collapse."""
+    # The two common layouts first: this runs several times per call, on the host.
+    if t.is_contiguous():
+        return t.stride(0), t.stride(1), 1
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.stride(0), t.stride(1), t.shape[1] if t.shape[2] * t.shape[3] > 1 else 1
+    return strided_ncs_strides(t)
+
+
+def strided_ncs_strides(t: torch.Tensor) -> Optional[Strides]:
+    """ncs_strides for any strided view: the spatial dims of size > 1, innermost first, must
+    each be the previous one's stride times its size."""
     inner = None  # stride of the innermost spatial dim of size > 1
     expected = None  # the stride the next spatial dim out must have to collapse
     for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
@@ -166,18 +177,24 @@ def block_plan(n: int, c: int, s: int, channels_fast: bool, device: torch.device
     threads on the rows of one channel, unless it has fewer rows than threads. A channel
     block's rows are then split over as many blocks as fill the device.
     """
-    rows = n * s
     if device.type == "cuda":
         threads, target = CUDA_BLOCK_THREADS, CUDA_BLOCKS_PER_SM * _sm_count(_index(device))
     else:
         threads, target = EMULATED_BLOCK_THREADS, INTERPRETER_PROGRAMS
+    return _block_plan(n * s, c, channels_fast, threads, target, CUDA_MIN_ROWS_PER_LANE)
+
+
+# Cached: it runs on every call of the backend whose point is a small host cost.
+@functools.lru_cache(maxsize=4096)
+def _block_plan(rows: int, c: int, channels_fast: bool, threads: int, target: int,
+                min_rows_per_lane: int) -> BlockPlan:
     if channels_fast:
         block_c = min(_next_pow2(c), 32, threads)
     else:
         block_c = min(_next_pow2(c), max(1, threads // min(_next_pow2(rows), threads)))
     lanes = threads // block_c
     c_blocks = -(-c // block_c)
-    splits = max(1, min(-(-rows // (lanes * CUDA_MIN_ROWS_PER_LANE)), target // c_blocks))
+    splits = max(1, min(-(-rows // (lanes * min_rows_per_lane)), target // c_blocks))
     rows_per_split = -(-rows // splits)
     return BlockPlan(threads, block_c, -(-rows // rows_per_split), rows_per_split)
 

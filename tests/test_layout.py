@@ -18,6 +18,20 @@ def test_ncs_strides():
     assert layout.ncs_strides(torch.empty(2, 3, 1, 5)[..., :1]) == (15, 5, 1)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 3, 4, 5), (2, 1, 4, 5), (2, 3, 1, 5),
+                                   (2, 3, 4, 1), (2, 3, 1, 1), (2, 3), (2, 3, 7),
+                                   (2, 3, 2, 4, 5)])
+def test_ncs_strides_fast_paths_agree_with_the_general_rule(shape):
+    x = torch.empty(shape)
+    views = [x, x[:, ::2] if shape[1] > 1 else x]
+    if len(shape) == 4:
+        views.append(x.contiguous(memory_format=torch.channels_last))
+    if len(shape) == 5:
+        views.append(x.contiguous(memory_format=torch.channels_last_3d))
+    for view in views:
+        assert layout.ncs_strides(view) == layout.strided_ncs_strides(view), view.stride()
+
+
 def test_alloc_output_keeps_channels_last():
     x = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     assert layout.alloc_output(x).is_contiguous(memory_format=torch.channels_last)
@@ -35,3 +49,20 @@ def test_plan_fills_an_h100(c, h, channels_fast, monkeypatch):
     assert plan.splits * plan.rows_per_split >= 128 * h * h
     assert (plan.splits - 1) * plan.rows_per_split < 128 * h * h  # no split without rows
     assert plan.block_c * plan.block_r <= layout.GPU_TILE
+
+
+@pytest.mark.parametrize("c,h", [(64, 112), (256, 56), (512, 28), (2048, 7), (3, 5)])
+@pytest.mark.parametrize("n", [1, 8, 128])
+@pytest.mark.parametrize("channels_fast", [False, True])
+def test_block_plan_of_the_cuda_backend(n, c, h, channels_fast, monkeypatch):
+    """csrc/'s plan: a power-of-two block, every row in exactly one split, none empty, and
+    at least one block per SM of a 132-SM GPU where the rows allow it."""
+    monkeypatch.setattr(layout, "_sm_count", lambda index: 132)
+    plan = layout.block_plan(n, c, h * h, channels_fast, torch.device("cuda", 0))
+    rows = n * h * h
+    assert plan.threads == layout.CUDA_BLOCK_THREADS and plan.threads % plan.block_c == 0
+    assert plan.block_c & (plan.block_c - 1) == 0
+    assert plan.splits * plan.rows_per_split >= rows > (plan.splits - 1) * plan.rows_per_split
+    blocks = -(-c // plan.block_c) * plan.splits
+    lanes = plan.threads // plan.block_c
+    assert blocks >= min(132, -(-c // plan.block_c) * -(-rows // (4 * lanes)))
