@@ -45,6 +45,7 @@ class _Call:
         k.x.ptr, k.x.sn, k.x.sc, k.x.ss = x.data_ptr(), sn, sc, ss
         k.dtype = DTYPE_CODES[x.dtype]
         k.eps, k.activation, k.training = eps, activation, training
+        k.sum_count = n * s  # the count of the sums in the three-path dx (input_grad: 1)
         k.channels_fast = channels_fast
         k.threads, k.block_c, k.splits, k.rows_per_split = plan
         self.keep = [x]  # every tensor the call points into lives until it returns
@@ -94,13 +95,11 @@ class _Call:
                                f"{lib.bnk_error_string(err).decode()}")
 
 
-def _ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else kernel_ready(t)
-
-
-def _empty_stats(x: torch.Tensor, training: bool) -> Tuple[torch.Tensor, ...]:
-    c = x.shape[1] if training else 0
-    return tuple(torch.zeros(c, dtype=acc_dtype(x.dtype), device=x.device) for _ in range(3))
+def _new_stats(x: torch.Tensor, length: int, count: int) -> Tuple[torch.Tensor, ...]:
+    """count per-channel results of the accumulation dtype; zeros for an empty batch, where
+    no kernel runs to write them."""
+    alloc = torch.zeros if x.numel() == 0 else torch.empty
+    return tuple(alloc(length, dtype=acc_dtype(x.dtype), device=x.device) for _ in range(count))
 
 
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -110,20 +109,18 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     """(y, mean, rstd, biased var), y = act(bn(x) + residual); the statistics are empty in
     eval mode."""
     y = alloc_output(x)
+    stats = _new_stats(x, x.shape[1] if training else 0, 3)
     if x.numel() == 0:
-        return (y, *_empty_stats(x, training))
-    x, residual = kernel_ready(x), _ready(residual)
+        return (y, *stats)
+    x, residual = kernel_ready(x), kernel_ready(residual)
     call = _Call(x, eps, code(activation), training)
     call.tensor("out", y)
     call.tensor("res", residual)
     call.vector("weight", weight)
     call.vector("bias", bias)
     if training:
-        stats = tuple(torch.empty(x.shape[1], dtype=call.acc, device=x.device)
-                      for _ in range(3))
         call.outputs(*stats)
     else:
-        stats = _empty_stats(x, False)
         call.statistics(running_mean, running_var, from_running=True)
     call.run("bnk_forward")
     return (y, *stats)
@@ -145,11 +142,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     dx = alloc_output(x) if need_dx else empty
     dres = alloc_output(residual) if need_dres else empty.clone()
     reduce = training or need_sums
-    alloc = torch.zeros if x.numel() == 0 else torch.empty  # an empty batch: zero sums
-    sums = tuple(alloc(x.shape[1] if reduce else 0, dtype=acc, device=x.device)
-                 for _ in range(2))
+    sums = _new_stats(x, x.shape[1] if reduce else 0, 2)
     if x.numel() > 0 and (need_dx or need_dres or need_sums):
-        x, residual = kernel_ready(x), _ready(residual)
+        x, residual = kernel_ready(x), kernel_ready(residual)
         grad_out = kernel_ready(grad_out.to(x.dtype))
         call = _Call(x, eps, act, training)
         call.tensor("g", grad_out)
@@ -159,7 +154,6 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         call.vector("weight", weight)
         call.vector("bias", bias)
         call.statistics(mean, stat, from_running=not training)
-        call.k.sum_count = ncs_shape(x)[0] * ncs_shape(x)[2]
         if reduce:
             call.outputs(*sums)
         call.run("bnk_backward")
@@ -170,7 +164,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
 
 def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased var) per channel, in the accumulation dtype (zeros for an empty x)."""
-    mean, _, var = _empty_stats(x, True)
+    mean, var = _new_stats(x, x.shape[1], 2)
     if x.numel() > 0:
         x = kernel_ready(x)
         call = _Call(x, 1.0, 0, True)  # any eps > 0: its rstd goes unused

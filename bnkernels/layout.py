@@ -78,8 +78,11 @@ def alloc_output(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def kernel_ready(t: torch.Tensor) -> torch.Tensor:
-    """t itself if the kernels can read it through strides, else a contiguous copy."""
+def kernel_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t itself if the kernels can read it through strides, else a contiguous copy (None
+    for an optional tensor the call doesn't have)."""
+    if t is None:
+        return None
     return t if ncs_strides(t) is not None else t.contiguous()
 
 

@@ -442,10 +442,6 @@ def _or_x(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return x if t is None else t
 
 
-def _ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else kernel_ready(t)
-
-
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
             training: bool, eps: float, activation: Optional[str] = None,
@@ -458,7 +454,7 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     if x.numel() == 0:
         zeros = [torch.zeros(c if training else 0, dtype=acc, device=x.device) for _ in range(3)]
         return (y, *zeros)
-    x, residual = kernel_ready(x), _ready(residual)
+    x, residual = kernel_ready(x), kernel_ready(residual)
     call = _Launch(x, out=y, res=residual)
     if training:
         stats = call.reduce(x, eps=eps)
@@ -493,7 +489,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     dres = alloc_output(residual) if need_dres else None
     sum_g, sum_gx = empty, empty.clone()
     if x.numel() > 0:
-        x, grad_out, residual = kernel_ready(x), kernel_ready(grad_out), _ready(residual)
+        x, grad_out, residual = kernel_ready(x), kernel_ready(grad_out), kernel_ready(residual)
         call = _Launch(x, g=grad_out, res=residual, out=dx if dx.numel() else None, dres=dres)
         if training or need_sums:
             sum_g, sum_gx = call.reduce(x, eps, grad_out, residual, mean, stat, weight, bias,

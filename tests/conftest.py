@@ -7,6 +7,7 @@ emulation build. BNKERNELS_BACKEND is forced to `triton` so that a silent fallba
 plain-torch path is an error; the `kernel_backend` fixture runs a test once per kernel
 backend (the parity suites use it).
 """
+import functools
 import os
 
 import torch
@@ -27,6 +28,7 @@ def device(request):
     return request.param
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_toolkit_missing() -> bool:
     """No toolkit to build csrc/ with: nvcc on a GPU machine, the CUDA headers on CPU."""
     from bnkernels import cuda_build
