@@ -50,7 +50,8 @@ class _Call:
         k.threads, k.block_c, k.splits, k.rows_per_split = plan
         self.keep = [x]  # every tensor the call points into lives until it returns
         if plan.splits > 1:
-            k.workspace = self._keep(torch.empty(2 * plan.splits * c, dtype=self.acc,
+            # forward: (K, mean, var, sum) per split and channel; backward: (sum g, sum g*xhat)
+            k.workspace = self._keep(torch.empty(4 * plan.splits * c, dtype=self.acc,
                                                  device=x.device))
         if x.device.type == "cuda":
             k.device = x.device.index if x.device.index is not None else torch.cuda.current_device()

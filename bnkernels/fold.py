@@ -6,10 +6,14 @@ a BatchNorm folds into a Conv{1,2,3}d, ConvTranspose{1,2,3}d or Linear when
   - its input is that layer's output, and that output feeds nothing else,
   - the layer and the BN are each called once, registered once, and their tensors are read
     nowhere else (no weight tying),
-  - the channel counts agree.
-Where the whole model does not trace (data-dependent control flow), every submodule that
-traces is analysed the same way, and adjacent (layer, BN) children of an nn.Sequential that
-does not trace fold too (a module reached through it is assumed to be called only there).
+  - the channel counts agree,
+  - neither has a hook (forward, pre-forward or backward; nor a global module hook): a
+    hook would see, or change, values the fold no longer computes.
+Where the whole model does not trace (data-dependent control flow), its forward is read
+from its source instead: a child the code only ever calls whole (`self.seq(x)`, never
+`self.seq[0]`, `self.seq.conv`, nor passed along) is analysed as above; the BNs inside any
+other child are left. Adjacent (layer, BN) children of an nn.Sequential that does not trace
+fold under the same rule.
 
 The fold itself is module surgery on the model: the layer gets the folded weight and bias
 (fold_math.py), and the BN is replaced by a FoldedBatchNorm, an identity that checks its
@@ -19,9 +23,12 @@ forward code; BNs that stay are swapped for bnkernels' (their eval kernel).
 """
 from __future__ import annotations
 
+import ast
 import collections
 import copy
+import inspect
 import logging
+import textwrap
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -99,9 +106,16 @@ class _Analysis:
             log.debug("%s does not trace (%s): folding inside its parts", prefix or "model", error)
             if isinstance(module, nn.Sequential):
                 self.visit_sequential(module, prefix)
+            whole_only = _children_only_called_whole(module)
             for name, child in module.named_children():
-                if not isinstance(child, _BatchNorm) and type(child) not in FOLDABLE:
+                if isinstance(child, _BatchNorm) or type(child) in FOLDABLE:
+                    continue
+                if name in whole_only:
                     self.visit(child, prefix + name + ".")
+                else:
+                    self.leave_inside(child, prefix + name + ".", f"{prefix or 'the model'}'s "
+                                      f"forward does not trace and reaches into {prefix}{name} "
+                                      "(or its source cannot be read)")
             return
         self.visit_graph(graph, module, prefix)
 
@@ -136,8 +150,13 @@ class _Analysis:
                 self.record(prefix + name, prefix + layer if layer else None,
                             self.why_not(seq, name, layer))
 
+    def leave_inside(self, module: nn.Module, prefix: str, why: str) -> None:
+        for name, m in module.named_modules():
+            if isinstance(m, _BatchNorm):
+                self.record(prefix + name if name else prefix.rstrip("."), None, why)
+
     def why_not(self, owner: nn.Module, bn_name: str, layer_name) -> "str | None":
-        """The reasons that need no graph: statistics, layer type, sharing, channels."""
+        """The reasons that need no graph: statistics, layer type, hooks, sharing, channels."""
         bn = owner.get_submodule(bn_name)
         if bn.running_mean is None or bn.running_var is None:
             return "no running statistics (track_running_stats=False)"
@@ -146,6 +165,8 @@ class _Analysis:
         layer = owner.get_submodule(layer_name)
         if type(layer) not in FOLDABLE:
             return f"its input comes from {type(layer).__name__}, which does not fold"
+        if _has_hooks(layer) or _has_hooks(bn):
+            return "the layer or the BatchNorm has hooks, which would see values the fold removes"
         if self.registrations[id(layer)] > 1 or self.registrations[id(bn)] > 1:
             return "the layer or the BatchNorm is registered under several names (shared)"
         if any(self.tensor_names[id(t)] > 1 for t in (*layer.parameters(), *bn.parameters(),
@@ -162,6 +183,50 @@ class _Analysis:
             self.reasons.pop(bn_name, None)
         elif bn_name not in self.pairs:
             self.reasons[bn_name] = why
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    own = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+           getattr(m, "_backward_pre_hooks", {}))
+    glob = nn.modules.module
+    shared = (glob._global_forward_hooks, glob._global_forward_pre_hooks,
+              glob._global_backward_hooks, getattr(glob, "_global_backward_pre_hooks", {}))
+    return any(len(h) for h in own + shared)
+
+
+# Ways for code to reach a module's children other than naming them one by one.
+_REFLECTION = {"_modules", "children", "named_children", "modules", "named_modules",
+               "get_submodule", "__dict__"}
+
+
+def _children_only_called_whole(module: nn.Module) -> set:
+    """The names of module's children that its class's code (every method) only ever uses
+    as `self.<name>(...)`: proof that a pair inside such a child is computed only where the
+    child runs whole. Empty when the source can't be read or the code reflects over its
+    children (getattr, self._modules, self.children(), ...)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module))))
+    except (OSError, TypeError, SyntaxError):
+        return set()
+    names = set(module._modules)
+    other = collections.Counter()
+    # __init__ builds the children; the other methods are what forward may run.
+    methods = [n for n in ast.walk(tree)
+               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name != "__init__"]
+    nodes = [node for m in methods for node in ast.walk(m)]
+    called = {id(n.func) for n in nodes if isinstance(n, ast.Call)}
+    for node in nodes:
+        if isinstance(node, ast.Name) and node.id == "getattr":
+            return set()
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "self":
+            if node.attr in _REFLECTION:
+                return set()
+            if id(node) not in called and not isinstance(node.ctx, ast.Store):
+                other[node.attr] += 1
+        if isinstance(node, ast.Constant) and node.value in names:  # setattr/getattr by name
+            other[node.value] += 1
+    return {n for n in names if other[n] == 0}
 
 
 def _fold_pair(model: nn.Module, layer_name: str, bn_name: str) -> None:

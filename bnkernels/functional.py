@@ -6,27 +6,84 @@ type and wording where torch has one.
 """
 from __future__ import annotations
 
+import numbers
+import re
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import activations, ops  # noqa: F401  (ops registers torch.ops.bnkernels)
+from . import activations, autograd
 from .layout import ncs_shape
+
+
+# torch's names of the scalar types, as its error messages spell them ('Long', 'Half').
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+    torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+    torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_REDUCED_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def scalar_type_name(dtype: torch.dtype) -> str:
+    name = _SCALAR_TYPE_NAMES.get(dtype)
+    if name is None:  # the rarer ones: torch.float8_e4m3fn -> Float8_e4m3fn, torch.uint16 -> UInt16
+        name = str(dtype).replace("torch.", "")
+        name = re.sub(r"^uint", "UInt", re.sub(r"^int", "Int", re.sub(r"^float", "Float", name)))
+    return name
+
+
+def check_momentum(momentum) -> Optional[float]:
+    """momentum as a float (None stays None: the modules' cumulative average), or torch's
+    TypeError, raised before anything is written."""
+    if momentum is None or isinstance(momentum, float):
+        return momentum
+    if isinstance(momentum, numbers.Real) or (isinstance(momentum, Tensor)
+                                              and momentum.numel() == 1):
+        return float(momentum)
+    raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not "
+                    f"{type(momentum).__name__}")
+
+
+def _check_dtypes(input: Tensor, params) -> None:
+    """torch's rule for the per-channel tensors' dtypes: all of input's dtype, or (a float16
+    or bfloat16 input, as AMP makes) all float32. The first tensor given decides which of
+    the two rules applies, with torch's wording for each."""
+    if not params:
+        return
+    if params[0].dtype != input.dtype:  # the mixed-dtype rule
+        if any(t.dtype != torch.float32 for t in params):
+            raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+        if input.dtype not in _REDUCED_FLOATS:
+            raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+        return
+    for t in params:
+        if t.dtype != input.dtype:
+            raise RuntimeError(f"expected scalar type {scalar_type_name(input.dtype)} but found "
+                               f"{scalar_type_name(t.dtype)}")
 
 
 def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
                           running_var: Optional[Tensor], weight: Optional[Tensor],
                           bias: Optional[Tensor], training: bool, eps: float,
                           local_count_check: bool = True) -> None:
+    """Every argument check, before anything is written; torch's error type and wording,
+    in torch's order (checked against torch in tests/test_errors.py)."""
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-    if not input.is_floating_point():
-        raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
-    if (running_mean is None) != (running_var is None):
+    if input.dtype not in KERNEL_DTYPES:
+        raise NotImplementedError(
+            f'"batch_norm" not implemented for \'{scalar_type_name(input.dtype)}\'')
+    if not training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+    elif (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
     n, c, s = ncs_shape(input)
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):  # torch's order of checks
@@ -37,6 +94,16 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
         if t.device != input.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is "
                                f"on {t.device} and input is on {input.device}")
+    for t in (running_mean, running_var):
+        if t is not None and t.dim() != 1:
+            raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {t.dim()}")
+    _check_dtypes(input, [t for t in (weight, bias, running_mean, running_var) if t is not None])
+    if torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with "
+                                   f"respect to argument '{name}'. This input cannot have "
+                                   "requires_grad True.")
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
@@ -64,6 +131,12 @@ def check_epilogue_args(input: Tensor, activation: Optional[str],
     if residual.device != input.device:
         raise RuntimeError("Expected all tensors to be on the same device, but residual is "
                            f"on {residual.device} and input is on {input.device}")
+
+
+def channel_vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-channel parameter as a (C,) vector: torch accepts any shape with C elements
+    (a (1, C, 1, 1) weight, say). A view of it, so the gradient reaches the original."""
+    return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
@@ -97,7 +170,8 @@ def batch_norm_impl(input: Tensor, running_mean: Optional[Tensor], running_var: 
                     activation: Optional[str] = None,
                     residual: Optional[Tensor] = None) -> Tensor:
     """batch_norm after the checks; momentum=None takes f from num_batches_tracked."""
-    y, mean, _, var = torch.ops.bnkernels.batch_norm_fwd(
+    weight, bias = channel_vector(weight), channel_vector(bias)
+    y, mean, _, var = autograd.batch_norm_fwd(
         input, weight, bias, running_mean, running_var, training, eps, activation, residual)
     n, _, s = ncs_shape(input)
     # An empty batch leaves the running statistics alone (as torch does).
@@ -119,7 +193,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     activation "relu", "silu", "gelu" (erf form) or None, residual a tensor like input or
     None. The gradient reaches residual too."""
     if momentum is None:  # torch's op takes a float; the modules' None goes through batch_norm_impl
-        raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not "
+                        "NoneType")
+    momentum = check_momentum(momentum)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     check_epilogue_args(input, activation, residual)
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training,

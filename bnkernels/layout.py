@@ -69,13 +69,19 @@ def strided_ncs_strides(t: torch.Tensor) -> Optional[Strides]:
 
 
 def alloc_output(x: torch.Tensor) -> torch.Tensor:
-    """The output (and input gradient) of a call on x: x's own layout where the kernels
-    can write it (so channels_last stays channels_last), contiguous otherwise.
-    The fake (meta) implementations call this too, so compiled and eager strides agree."""
-    out = torch.empty_like(x)
-    if ncs_strides(out) is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return out
+    """The output (and input gradient) of a call on x, with torch's strides: channels_last
+    (channels_last_3d) where x is in that format, contiguous otherwise, whatever x's own
+    strides (a transposed or N/C-swapped view gives a contiguous result, so y.view(-1)
+    works wherever it works on torch's). The fake (meta) implementations call this too, so
+    compiled and eager strides agree."""
+    out = torch.empty_like(x)  # x's strides if x is dense, else torch's suggested format
+    if out.is_contiguous() or any(out.dim() == d and out.is_contiguous(memory_format=f)
+                                  for d, f in _CHANNELS_LAST):
+        return out
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_CHANNELS_LAST = ((4, torch.channels_last), (5, torch.channels_last_3d))
 
 
 def kernel_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -11,7 +11,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from . import activations
-from .functional import batch_norm_impl, check_batch_norm_args, check_epilogue_args
+from .functional import (batch_norm_impl, check_batch_norm_args, check_epilogue_args,
+                         check_momentum)
 
 
 class _BatchNormForward:
@@ -32,7 +33,8 @@ class _BatchNormForward:
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
                               use_batch_stats, self.eps)
         check_epilogue_args(input, activation, residual)
-        momentum = 0.0 if self.momentum is None else self.momentum
+        momentum = check_momentum(self.momentum)
+        momentum = 0.0 if momentum is None else momentum
         num_batches_tracked = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

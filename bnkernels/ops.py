@@ -8,7 +8,8 @@
       -> (dx, sum g, sum g*xhat, dres)   (for relu with a residual, `residual` is y)
 
 They are `custom_op`s with fake implementations, so torch.compile(fullgraph=True) sees one
-opaque node per pass. Why custom_op and not triton_op: the backend is chosen per call below
+opaque node per pass, and batching rules (register_vmap) for torch.func. Their autograd is
+in autograd.py. Why custom_op and not triton_op: the backend is chosen per call below
 the op (Triton, plain torch, later CUDA C++), which triton_op's tracing into the kernels
 cannot express. Why the running statistics are not updated inside the op: register_autograd
 accepts only functional ops, so the op returns the batch mean and variance and
@@ -60,43 +61,55 @@ def _(grad_y, x, weight, bias, residual, mean, stat, training, eps, activation, 
     return dx, x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc), dres
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, training, eps, activation, residual = inputs
-    _, mean, rstd, var = output
-    ctx.mark_non_differentiable(mean, rstd, var)  # statistics for the buffers, not the loss
-    # Training saves the float32 (float64) batch mean/rstd; eval the running statistics,
-    # from which backward recomputes rstd. xhat is never saved: backward recomputes it,
-    # and with an activation z = bn(x) + residual too (bias and residual are saved for that).
-    stats = (mean, rstd) if training else (running_mean, running_var)
-    fused = activation is not None
-    if activation == "relu" and residual is not None:
-        # relu' = (y > 0): keep y, which torch's relu keeps too, not the residual, which an
-        # unfused add would let go (a downsample branch's output).
-        residual = output[0]
-    ctx.save_for_backward(x, weight, bias if fused else None, residual if fused else None,
-                          *stats)
-    ctx.training, ctx.eps, ctx.activation = training, eps, activation
-    ctx.bias_dtype = None if bias is None else bias.dtype
+# vmap (torch.func.vmap, and the vmap torch.func.jacrev/jacfwd and the autograd.Functions'
+# generated rules run): an eval-mode call whose per-channel tensors are not batched is one
+# call over the batch folded into N (each sample is normalized by the same statistics);
+# anything else (training: statistics per sample; batched weights) is one call per sample.
+
+def _fold_batch(t: Tensor, dim: int) -> Tensor:
+    t = t.movedim(dim, 0)
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_rstd, _grad_var):
-    x, weight, bias, residual, mean, stat = ctx.saved_tensors
-    need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
-    need_dres = ctx.needs_input_grad[8]
-    fused_dres = need_dres and ctx.activation is not None
-    dx, sum_g, sum_gx, dres = torch.ops.bnkernels.batch_norm_bwd(
-        grad_y, x, weight, bias, residual, mean, stat, ctx.training, ctx.eps, ctx.activation,
-        need_dx, need_dweight or need_dbias, fused_dres)
-    if need_dres and not fused_dres:
-        dres = grad_y  # z = bn(x) + residual with no activation: dL/dresidual = dL/dy
-    return (dx if need_dx else None,
-            sum_gx.to(weight.dtype) if need_dweight else None,
-            sum_g.to(ctx.bias_dtype) if need_dbias else None,
-            None, None, None, None, None,
-            dres if need_dres else None)
+def _vmap_per_sample(op, info, in_dims, args):
+    outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+            for i in range(info.batch_size)]
+    return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
 
 
-batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _vmap_folded(op, info, in_dims, args, folded, unfold):
+    """One call with the element tensors at `folded` (their batch dim merged into N); the
+    outputs at `unfold` get the batch dim back, the others (per-channel) are unbatched."""
+    args = list(args)
+    for i in folded:
+        if args[i] is not None:
+            args[i] = _fold_batch(args[i], in_dims[i]) if in_dims[i] is not None else \
+                args[i].repeat(info.batch_size, *([1] * (args[i].dim() - 1)))
+    outs = op(*args)
+    b = info.batch_size
+    return (tuple(o.reshape(b, o.shape[0] // b, *o.shape[1:]) if i in unfold else o
+                  for i, o in enumerate(outs)),
+            tuple(0 if i in unfold else None for i in range(len(outs))))
+
+
+@torch.library.register_vmap("bnkernels::batch_norm_fwd")
+def _(info, in_dims, x, weight, bias, running_mean, running_var, training, eps, activation,
+      residual):
+    args = (x, weight, bias, running_mean, running_var, training, eps, activation, residual)
+    if training or any(d is not None for d in in_dims[1:5]):
+        return _vmap_per_sample(batch_norm_fwd, info, in_dims, args)
+    return _vmap_folded(batch_norm_fwd, info, in_dims, args, folded=(0, 8), unfold=(0,))
+
+
+@torch.library.register_vmap("bnkernels::batch_norm_bwd")
+def _(info, in_dims, grad_y, x, weight, bias, residual, mean, stat, training, eps, activation,
+      need_dx, need_sums, need_dres):
+    args = (grad_y, x, weight, bias, residual, mean, stat, training, eps, activation,
+            need_dx, need_sums, need_dres)
+    if training or need_sums or any(d is not None for d in in_dims[2:4] + in_dims[5:7]):
+        return _vmap_per_sample(batch_norm_bwd, info, in_dims, args)
+    return _vmap_folded(batch_norm_bwd, info, in_dims, args, folded=(0, 1, 4),
+                        unfold=(0, 3) if need_dres and residual is not None else (0,))
 
 
 # The pieces SyncBatchNorm composes around its collectives (no autograd of their own: its

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .convert import converted
-from .functional import check_batch_norm_args, update_running_stats
+from .functional import check_batch_norm_args, check_momentum, update_running_stats
 from .layout import ncs_shape
 from .modules import _BatchNormForward
 
@@ -99,13 +99,14 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
         running_var = self.running_var if keep_running else None
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, True,
                               self.eps, local_count_check=False)
+        momentum = check_momentum(self.momentum)
         num_batches_tracked = None
         if keep_running and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             num_batches_tracked = self.num_batches_tracked
         return _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var,
-            num_batches_tracked, self.momentum, self.eps, self.process_group, world)
+            num_batches_tracked, momentum, self.eps, self.process_group, world)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:

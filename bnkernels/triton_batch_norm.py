@@ -68,30 +68,41 @@ def _inv_std(var, eps, ACC: tl.constexpr):
 
 
 @triton.jit
-def _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps,
+def _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, smC, ssC,
                    FROM_RUNNING: tl.constexpr, ACC: tl.constexpr):
     """Per-channel (mean, rstd): the saved batch statistics, or rstd = 1/sqrt(var + eps)
-    from the running variance."""
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    stat = tl.load(stat_ptr + c, mask=c_mask, other=1.0).to(ACC)
+    from the running variance. Every per-channel vector is read through its stride (smC,
+    ssC here): a strided or expanded view (stride 0) is read in place, never copied."""
+    mean = tl.load(mean_ptr + c * smC, mask=c_mask, other=0.0).to(ACC)
+    stat = tl.load(stat_ptr + c * ssC, mask=c_mask, other=1.0).to(ACC)
     if FROM_RUNNING:
         stat = _inv_std(stat, eps, ACC)
     return mean, stat
 
 
 @triton.jit
-def _affine(weight_ptr, bias_ptr, rstd, c, c_mask,
+def _affine(weight_ptr, bias_ptr, rstd, c, c_mask, swC, sbC,
             HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
     """Per-channel (scale, shift) = (gamma * rstd, beta) of y = (x - mean) * scale + shift."""
     if HAS_WEIGHT:
-        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC) * rstd
+        scale = tl.load(weight_ptr + c * swC, mask=c_mask, other=0.0).to(ACC) * rstd
     else:
         scale = rstd
     if HAS_BIAS:
-        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        shift = tl.load(bias_ptr + c * sbC, mask=c_mask, other=0.0).to(ACC)
     else:
         shift = tl.zeros_like(rstd)
     return scale, shift
+
+
+@triton.jit
+def _z_mean_shift(mean, scale, shift):
+    """The (mean, shift) that z = (x - mean) * scale + shift uses. Where gamma * rstd is
+    inf or NaN, torch's own form x * scale + (beta - mean * scale) instead (mean 0, shift
+    beta - mean * scale), so that the output has torch's pattern of NaN and inf; (x - mean)
+    first everywhere else, since for |mean| >> std x * scale + b would cancel."""
+    finite = tl.abs(scale) < float("inf")
+    return tl.where(finite, mean, 0.0), tl.where(finite, shift, shift - mean * scale)
 
 
 @triton.jit
@@ -169,20 +180,51 @@ def _program_share(C, R, rows_per_split, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _channel_shift(x_ptr, c, c_mask, sxC, INDEX_64: tl.constexpr, ACC: tl.constexpr):
-    """x[0, c, 0]: the shift K the forward statistics are accumulated around."""
-    if INDEX_64:
-        c = c.to(tl.int64)
-    return tl.load(x_ptr + c * sxC, mask=c_mask, other=0.0).to(ACC)
+def _welford_combine(k_a, mean_a, var_a, n_a, sum_a, k_b, mean_b, var_b, n_b, sum_b):
+    """Chan, Golub & LeVeque, on partials (K, mean, var, n, sum) whose mean is that of
+    x - K and var the biased variance (var, not M2 = n * var: for |x| near 1e19, M2
+    overflows float32 where var does not). The result keeps a's shift:
+        d = (K_b - K_a) + (mean_b - mean_a),  w_b = n_b / n
+        mean = mean_a + d * w_b,  var = w_a * var_a + w_b * var_b + (d * w_a) * (d * w_b)
+    An empty partial (n == 0: masked lanes) is skipped by selection, never multiplied by
+    its zero weight (inf * 0 would be NaN)."""
+    n = n_a + n_b
+    w_b = n_b / tl.where(n == 0, 1.0, n)
+    w_a = 1.0 - w_b
+    d = (k_b - k_a) + (mean_b - mean_a)
+    # The merged mean relative to K_a or to K_b: keep the smaller, so that a shift that
+    # is an outlier (one lane's first value) does not become every later merge's shift.
+    mean_ka = mean_a + d * w_b
+    mean_kb = mean_b - d * w_a
+    take_kb = tl.abs(mean_kb) < tl.abs(mean_ka)
+    mean = tl.where(take_kb, mean_kb, mean_ka)
+    var = w_a * var_a + w_b * var_b + (d * w_a) * (d * w_b)
+    a_empty = n_a == 0
+    b_empty = n_b == 0
+    k = tl.where(a_empty | (take_kb & ~b_empty), k_b, k_a)
+    mean = tl.where(a_empty, mean_b, tl.where(b_empty, mean_a, mean))
+    var = tl.where(a_empty, var_b, tl.where(b_empty, var_a, var))
+    return k, mean, var, n, sum_a + sum_b
 
 
 @triton.jit
-def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
-    """Chan, Golub & LeVeque: merge two (mean, M2, n) partials exactly; empty ones are a no-op."""
-    n = n_a + n_b
-    w_b = tl.where(n == 0, 0.0, n_b / tl.where(n == 0, 1.0, n))
-    delta = mean_b - mean_a
-    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+def _recenter(k, mean):
+    """(K + mean, the exact rounding error of that sum): Knuth's TwoSum, so the running mean
+    K + mean is kept to twice the working precision and K moves to it."""
+    s = k + mean
+    k_part = s - k
+    err = (k - (s - k_part)) + (mean - k_part)
+    return s, err
+
+
+@triton.jit
+def _finish_stats(k, mean, var, total, n):
+    """The channel's (mean, var) from a merged partial: K + mean, or, where that is not
+    finite (an inf or NaN in x: Welford's running mean turns inf into NaN), the plain
+    mean sum / n, which carries torch's inf (one sign) or NaN (both)."""
+    shifted = k + mean
+    finite = tl.abs(shifted) < float("inf")
+    return tl.where(finite, shifted, total / n), var
 
 
 @triton.jit
@@ -196,7 +238,7 @@ def _load_tile(ptr, r, c, mask, S, sN, sC, sS,
 def _partial_stats_kernel(
     x_ptr, g_ptr, res_ptr, mean_ptr, stat_ptr, weight_ptr, bias_ptr, part_ptr,
     C, S, R, rows_per_split, eps,
-    sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS,
+    sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, smC, ssC, swC, sbC,
     BACKWARD: tl.constexpr, FROM_RUNNING: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -205,16 +247,22 @@ def _partial_stats_kernel(
 ):
     """Per-channel partial reductions over this program's rows [row0, row_end).
 
-    Forward, one-pass Welford per lane (never E[x^2] - E[x]^2) on x - K, K the channel's
-    first element (_channel_shift):
-        n += 1;  d = x - mean;  mean += d / n;  M2 += d * (x - mean)
-    then the lanes are merged with _welford_combine. The shift keeps the running means
-    small: a float32 mean near 1e4 moves in steps of 1e-3, which cost x = 1e4 + randn
-    a 4e-4 relative error in its variance before it.
+    Forward, one-pass Welford per lane (never E[x^2] - E[x]^2), in variance form, with the
+    lane's running mean held as an unevaluated sum K + mean (_recenter):
+        n += 1;  v = x - K;  d = v - mean;  mean += d / n;  var = var * (1 - 1/n) + (d / n) * (v - mean)
+        (K, mean) = (K + mean, its rounding error)
+    and the plain sum of x beside it (_finish_stats). The lanes are then merged with
+    _welford_combine. Why: a float32 running mean near 1e4 moves in steps of 1e-3, which
+    cost x = 1e4 + randn its variance's precision; a fixed shift (the channel's first
+    value, say) fixes that only while the shift is not itself an outlier. Re-centred
+    every step, K is always the running mean, wherever the outliers are. The variance
+    update's product (d / n) * (v - mean) is at most d^2 / 4: no overflow for |x| below
+    ~1.8e19, and past that an inf, never an inf - inf.
     Backward, with xhat = (x - mean) * rstd and g the gradient reaching the BN output
     (dL/dy, or through a fused activation g * act'(z): _epilogue_grad):
         a = sum g (= dbeta),  b = sum g * xhat (= dgamma)
-    The results go to part[0, split, c] (mean | sum g) and part[1, split, c] (M2 | sum g*xhat).
+    The results go to part[i, split, c]: forward i = 0..3 (K, mean, var, sum), backward
+    i = 0, 1 (sum g, sum g*xhat).
     """
     c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
     split = tl.program_id(1)
@@ -222,12 +270,16 @@ def _partial_stats_kernel(
 
     a = tl.zeros([BLOCK_C, BLOCK_R], ACC)
     b = tl.zeros([BLOCK_C, BLOCK_R], ACC)
-    count = tl.zeros([1, BLOCK_R], ACC)
     if BACKWARD:
-        mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, FROM_RUNNING, ACC)
-        scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
+        mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, smC, ssC,
+                                    FROM_RUNNING, ACC)
+        scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, swC, sbC,
+                               HAS_WEIGHT, HAS_BIAS, ACC)
+        z_mean, shift = _z_mean_shift(mean, scale, shift)
     else:
-        shift = _channel_shift(x_ptr, c, c_mask, sxC, INDEX_64, ACC)
+        k = tl.zeros([BLOCK_C, BLOCK_R], ACC)
+        total = tl.zeros([BLOCK_C, BLOCK_R], ACC)
+        count = tl.zeros([1, BLOCK_R], ACC)
     for start in range(row0, row_end, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         r_mask = (r < row_end)[None, :]
@@ -237,65 +289,81 @@ def _partial_stats_kernel(
             g = _load_tile(g_ptr, r, c, mask, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64, ACC)
             if ACTIVATION != 0:
                 res_offsets = _tile_offsets(r, c, S, srN, srC, srS, FLAT_ROWS, INDEX_64)
-                g = _epilogue_grad(g, x, mean, scale, shift, res_ptr, res_offsets, mask,
+                g = _epilogue_grad(g, x, z_mean, scale, shift, res_ptr, res_offsets, mask,
                                    ACTIVATION, HAS_RESIDUAL, ACC)
             a += g
             b += g * ((x - mean[:, None]) * rstd[:, None])
         else:
-            x -= shift[:, None]
+            v = x - k
+            total += x
             count += r_mask.to(ACC)
-            delta = x - a
-            a += tl.where(r_mask, delta / tl.maximum(count, 1.0), 0.0)
-            b += tl.where(r_mask, delta * (x - a), 0.0)
+            inv = 1.0 / tl.maximum(count, 1.0)  # one division per lane, shared by the channels
+            delta = v - a
+            a += tl.where(r_mask, delta * inv, 0.0)
+            b = tl.where(r_mask, b * (1.0 - inv) + (delta * inv) * (v - a), b)
+            k, a = _recenter(k, a)
 
     if BACKWARD:
-        out_a = tl.sum(a, axis=1)
-        out_b = tl.sum(b, axis=1)
+        tl.store(part_ptr + split * C + c, tl.sum(a, axis=1), mask=c_mask)
+        tl.store(part_ptr + (num_splits + split) * C + c, tl.sum(b, axis=1), mask=c_mask)
     else:
         counts = tl.broadcast_to(count, [BLOCK_C, BLOCK_R])
-        out_a, out_b, _ = tl.reduce((a, b, counts), 1, _welford_combine)
-    tl.store(part_ptr + split * C + c, out_a, mask=c_mask)
-    tl.store(part_ptr + (num_splits + split) * C + c, out_b, mask=c_mask)
+        # The lanes merge in float64 (once per program, not per element): their shifts
+        # differ by up to the data's range, and float32 merges would round at its scale.
+        f64 = tl.float64
+        out_k, out_mean, out_var, _, out_sum = tl.reduce(
+            (k.to(f64), a.to(f64), b.to(f64), counts.to(f64), total.to(f64)), 1,
+            _welford_combine)
+        tl.store(part_ptr + split * C + c, out_k, mask=c_mask)
+        tl.store(part_ptr + (num_splits + split) * C + c, out_mean, mask=c_mask)
+        tl.store(part_ptr + (2 * num_splits + split) * C + c, out_var, mask=c_mask)
+        tl.store(part_ptr + (3 * num_splits + split) * C + c, out_sum, mask=c_mask)
 
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, out0_ptr, out1_ptr, out2_ptr, x_ptr,
-    C, R, rows_per_split, num_splits, eps, sxC,
-    BACKWARD: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    part_ptr, out0_ptr, out1_ptr, out2_ptr,
+    C, R, rows_per_split, num_splits, eps,
+    BACKWARD: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Merges the splits of _partial_stats_kernel, in split order.
+    """Merges the splits of _partial_stats_kernel, in split order (bitwise reproducible).
 
-    Forward (Chan et al.; split k holds n_k = min(rows_per_split, R - k*rows_per_split) rows):
-        n = n_a + n_b;  d = mean_b - mean_a;  mean = mean_a + d*n_b/n;  M2 = M2_a + M2_b + d^2*n_a*n_b/n
-        out0 = mean = K + merged mean of x - K, out1 = rstd = 1/sqrt(var + eps),
-        out2 = var = M2 / R (biased)
+    Forward: _welford_combine over the splits' (K, mean, var, sum), split k holding
+    n_k = min(rows_per_split, R - k*rows_per_split) rows (every earlier split is full);
+    then out0 = mean (_finish_stats), out1 = rstd = 1/sqrt(var + eps), out2 = var (biased).
+    The forward merge runs in float64, as the lanes' merge in _partial_stats_kernel.
     Backward: out0 = sum g (dbeta), out1 = sum g*xhat (dgamma).
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    f64 = tl.float64
     a = tl.zeros([BLOCK_C], ACC)
     b = tl.zeros([BLOCK_C], ACC)
-    for k in range(0, num_splits):
-        part_a = tl.load(part_ptr + k * C + c, mask=c_mask, other=0.0)
-        part_b = tl.load(part_ptr + (num_splits + k) * C + c, mask=c_mask, other=0.0)
+    k = tl.zeros([BLOCK_C], f64)
+    mean = tl.zeros([BLOCK_C], f64)
+    var = tl.zeros([BLOCK_C], f64)
+    total = tl.zeros([BLOCK_C], f64)
+    n = tl.zeros([BLOCK_C], f64)
+    for j in range(0, num_splits):
         if BACKWARD:
-            a += part_a
-            b += part_b
+            a += tl.load(part_ptr + j * C + c, mask=c_mask, other=0.0)
+            b += tl.load(part_ptr + (num_splits + j) * C + c, mask=c_mask, other=0.0)
         else:
-            rows_before = tl.cast(k, tl.int64) * rows_per_split  # every earlier split is full
-            n_a = rows_before.to(ACC)
-            n_b = tl.minimum(rows_per_split, R - rows_before).to(ACC)
-            w_b = n_b / (n_a + n_b)
-            delta = part_a - a
-            a += delta * w_b
-            b += part_b + delta * delta * n_a * w_b
+            rows_before = tl.cast(j, tl.int64) * rows_per_split
+            n_j = tl.zeros([BLOCK_C], f64) + tl.minimum(rows_per_split, R - rows_before).to(f64)
+            k, mean, var, n, total = _welford_combine(
+                k, mean, var, n, total,
+                tl.load(part_ptr + j * C + c, mask=c_mask, other=0.0).to(f64),
+                tl.load(part_ptr + (num_splits + j) * C + c, mask=c_mask, other=0.0).to(f64),
+                tl.load(part_ptr + (2 * num_splits + j) * C + c, mask=c_mask, other=0.0).to(f64),
+                n_j,
+                tl.load(part_ptr + (3 * num_splits + j) * C + c, mask=c_mask, other=0.0).to(f64))
     if BACKWARD:
         tl.store(out0_ptr + c, a, mask=c_mask)
         tl.store(out1_ptr + c, b, mask=c_mask)
     else:
-        var = b / R
-        mean = a + _channel_shift(x_ptr, c, c_mask, sxC, INDEX_64, ACC)
+        mean, var = _finish_stats(k, mean, var, total, n)
+        mean, var = mean.to(ACC), var.to(ACC)
         tl.store(out0_ptr + c, mean, mask=c_mask)
         tl.store(out1_ptr + c, _inv_std(var, eps, ACC), mask=c_mask)
         tl.store(out2_ptr + c, var, mask=c_mask)
@@ -307,6 +375,7 @@ def _apply_kernel(
     sum_g_ptr, sum_gx_ptr,
     C, S, R, rows_per_split, eps, sum_count,
     sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, soN, soC, soS, sdN, sdC, sdS,
+    smC, ssC, swC, sbC,
     BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr, FROM_RUNNING: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -327,8 +396,10 @@ def _apply_kernel(
     """
     c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
 
-    mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, FROM_RUNNING, ACC)
-    scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
+    mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, smC, ssC, FROM_RUNNING, ACC)
+    scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, swC, sbC,
+                           HAS_WEIGHT, HAS_BIAS, ACC)
+    z_mean, shift = _z_mean_shift(mean, scale, shift)
     if BACKWARD:
         if BATCH_STATS:
             mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) / sum_count
@@ -342,7 +413,7 @@ def _apply_kernel(
             g = _load_tile(g_ptr, r, c, mask, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64, ACC)
             if ACTIVATION != 0:
                 x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
-                g = _epilogue_grad(g, x, mean, scale, shift, res_ptr, res_offsets, mask,
+                g = _epilogue_grad(g, x, z_mean, scale, shift, res_ptr, res_offsets, mask,
                                    ACTIVATION, HAS_RESIDUAL, ACC)
                 if HAS_RESIDUAL:
                     d_offsets = _tile_offsets(r, c, S, sdN, sdC, sdS, FLAT_ROWS, INDEX_64)
@@ -356,7 +427,7 @@ def _apply_kernel(
                 out = scale[:, None] * g
         else:
             x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
-            z = _pre_activation(x, mean, scale, shift, res_ptr, res_offsets, mask,
+            z = _pre_activation(x, z_mean, scale, shift, res_ptr, res_offsets, mask,
                                 HAS_RESIDUAL, ACC)
             out = _activation(z, ACTIVATION)
         o_offsets = _tile_offsets(r, c, S, soN, soC, soS, FLAT_ROWS, INDEX_64)
@@ -407,21 +478,22 @@ class _Launch:
         (sum g, sum g*xhat) with the given statistics."""
         backward = g is not None
         plan = self.plan
-        part = torch.empty((2, plan.splits, self.c), dtype=self.acc, device=x.device)
+        part = torch.empty((2 if backward else 4, plan.splits, self.c), dtype=self.acc,
+                           device=x.device)
         _launch(_partial_stats_kernel, self.grid, x, _or_x(g, x), _or_x(res, x),
                 _or_x(mean, x), _or_x(stat, x), _or_x(weight, x), _or_x(bias, x), part,
                 self.c, self.s, self.rows, plan.rows_per_split, eps,
                 *self.strides("x"), *self.strides("g"), *self.strides("res"),
+                *_channel_strides(mean, stat, weight, bias),
                 **self.meta(activation, res, weight, bias,
                             BACKWARD=backward, FROM_RUNNING=from_running))
         outs = tuple(torch.empty(self.c, dtype=self.acc, device=x.device)
                      for _ in range(2 if backward else 3))
         block = min(MERGE_BLOCK_C, triton.next_power_of_2(self.c))
         out2 = outs[2] if len(outs) == 3 else outs[0]  # the backward merge has no third output
-        _launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2, x,
-                self.c, self.rows, plan.rows_per_split, plan.splits, eps, self.strides("x")[1],
-                BACKWARD=backward, INDEX_64=self.layout.index_64, BLOCK_C=block,
-                ACC=_GL[self.acc])
+        _launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2,
+                self.c, self.rows, plan.rows_per_split, plan.splits, eps,
+                BACKWARD=backward, BLOCK_C=block, ACC=_GL[self.acc])
         return outs
 
     def apply(self, x, out, mean, stat, weight, bias, eps, *, backward, batch_stats,
@@ -433,8 +505,15 @@ class _Launch:
                 self.c, self.s, self.rows, self.plan.rows_per_split, eps, sum_count,
                 *self.strides("x"), *self.strides("g"), *self.strides("res"),
                 *self.strides("out"), *self.strides("dres"),
+                *_channel_strides(mean, stat, weight, bias),
                 **self.meta(activation, res, weight, bias, BACKWARD=backward,
                             BATCH_STATS=batch_stats, FROM_RUNNING=from_running))
+
+
+def _channel_strides(*vectors: Optional[torch.Tensor]) -> Tuple[int, ...]:
+    """The stride of each (C,) vector (0 for a missing one, which the kernel doesn't read):
+    views are read in place, an expanded one through its stride 0."""
+    return tuple(0 if t is None else t.stride(0) for t in vectors)
 
 
 def _or_x(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -526,6 +605,7 @@ def input_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     if x.numel() == 0:
         return dx
     x, grad_out = kernel_ready(x), kernel_ready(grad_out)
+    mean_g, mean_gx = mean_g.contiguous(), mean_gx.contiguous()  # read densely
     call = _Launch(x, g=grad_out, out=dx)
     call.apply(x, dx, mean, var, weight, None, eps, backward=True, batch_stats=True,
                from_running=True, g=grad_out, sum_g=mean_g, sum_gx=mean_gx, sum_count=1)

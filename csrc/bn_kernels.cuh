@@ -5,8 +5,8 @@
 // [row0, row_end)); each thread one channel lane and one row lane of `lanes`, visiting
 // every lanes-th row. Grid: (channel blocks, splits).
 //
-//   stats_kernel      forward: one-pass Welford (mean, M2) per thread around K = x[0, c, 0],
-//                     folded over the block's row lanes (Chan et al.). splits > 1: partials
+//   stats_kernel      forward: one-pass Welford (mean, var) per thread around the thread's
+//                     own first value, folded over the block's row lanes (Chan et al.). splits > 1: partials
 //                     to the workspace; splits == 1: the final mean/rstd/var, then the
 //                     block normalizes its own rows (one launch per forward).
 //   grad_sums_kernel  backward: sum g and sum g*xhat, g = dL/dz through the fused
@@ -51,8 +51,10 @@ template <typename F> BNK_DEVICE void for_each_row(const BnkCall& k, const Lane&
 }
 
 // A channel's y = (x - mean) * scale + shift: scale = gamma * rstd, shift = beta.
+// z_mean is the mean z uses: where scale is inf or NaN, torch's own form
+// x * scale + (beta - mean * scale) gives torch's pattern of NaN and inf (z_mean 0).
 template <typename Acc> struct Channel {
-  Acc mean, rstd, scale, shift;
+  Acc mean, rstd, scale, shift, z_mean;
 };
 
 template <typename Acc> BNK_DEVICE Channel<Acc> channel(const BnkCall& k, int64_t c, Acc mean, Acc rstd) {
@@ -61,6 +63,11 @@ template <typename Acc> BNK_DEVICE Channel<Acc> channel(const BnkCall& k, int64_
   p.rstd = rstd;
   p.scale = k.weight ? load_channel<Acc>(k.weight, k.weight_dtype, c) * rstd : rstd;
   p.shift = k.bias ? load_channel<Acc>(k.bias, k.bias_dtype, c) : Acc(0);
+  p.z_mean = mean;
+  if (!(fabs(p.scale) < INFINITY)) {
+    p.shift -= mean * p.scale;
+    p.z_mean = Acc(0);
+  }
   return p;
 }
 
@@ -76,7 +83,7 @@ template <typename Acc> BNK_DEVICE Channel<Acc> given_channel(const BnkCall& k, 
 template <typename T, typename Acc>
 BNK_DEVICE Acc pre_activation(const BnkCall& k, const Channel<Acc>& p, Acc x, const RowWalk& w,
                               int64_t c, bool with_residual) {
-  Acc z = (x - p.mean) * p.scale + p.shift;
+  Acc z = (x - p.z_mean) * p.scale + p.shift;
   if (with_residual) z += load_at<T>(k.res, w.offset(k.res, c));
   return z;
 }
@@ -139,12 +146,17 @@ BNK_DEVICE void block_fold(const Lane& l, int block_c, Acc* s0, Acc* s1, Acc* s2
   n = s2[l.tc];
 }
 
-struct WelfordFold {
-  template <typename Acc>
-  BNK_DEVICE void operator()(Acc& mean, Acc& m2, Acc& n, Acc mean_b, Acc m2_b, Acc n_b) const {
-    welford_merge(mean, m2, n, mean_b, m2_b, n_b);
+// block_fold for the forward statistics: the same fixed tree, over Moments.
+BNK_DEVICE void block_fold_moments(const Lane& l, int block_c, Moments* s, Moments& m) {
+  const int i = l.tr * block_c + l.tc;
+  s[i] = m;
+  bnk_sync();
+  for (int half = l.lanes / 2; half > 0; half /= 2) {
+    if (l.tr < half) moments_merge(s[i], s[i + half * block_c]);
+    bnk_sync();
   }
-};
+  m = s[l.tc];
+}
 
 struct SumFold {
   template <typename Acc>
@@ -166,32 +178,49 @@ template <typename Acc> BNK_DEVICE void store_stat(void* out, int64_t c, Acc v) 
   if (out) static_cast<Acc*>(out)[c] = v;
 }
 
+// Forward partials: part[i, split, c] for i = 0..3 (k, mean, var, sum), in Acc.
+template <typename Acc> BNK_DEVICE void store_moments(const BnkCall& k, const Lane& l, const Moments& m) {
+  if (l.tr != 0) return;
+  Acc* part = static_cast<Acc*>(k.workspace);
+  const double fields[4] = {m.k, m.mean, m.var, m.sum};
+  for (int i = 0; i < 4; ++i) part[(i * k.splits + blockIdx.y) * k.c + l.c] = static_cast<Acc>(fields[i]);
+}
+
 template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS stats_kernel(BnkCall k) {
   typedef typename AccOf<T>::type Acc;
-  BNK_SHARED Acc s_mean[BNK_MAX_THREADS], s_m2[BNK_MAX_THREADS], s_n[BNK_MAX_THREADS];
+  BNK_SHARED Moments s_moments[BNK_MAX_THREADS];
   const Lane l = lane_of(k);
-  // Accumulating x - K keeps the running means small: a float32 mean near 1e4 moves in
-  // steps of 1e-3 (the Triton kernel's note on x = 1e4 + randn).
-  const Acc K = l.active ? load_at<T>(k.x, l.c * k.x.sc) : Acc(0);
-  Acc mean = 0, m2 = 0, n = 0;
+  // Welford in variance form, the thread's running mean held as K + mean and re-centred
+  // every step (K = K + mean, mean = its rounding error, Knuth's TwoSum): a float32 mean
+  // near 1e4 would move in steps of 1e-3, and a fixed shift helps only while it is not an
+  // outlier itself. The Triton kernel's docstring has the longer story.
+  Acc K = 0, mean = 0, var = 0, n = 0, sum = 0;
   for_each_row(k, l, [&](const RowWalk& w) {  // never E[x^2] - E[x]^2
-    const Acc v = load_at<T>(k.x, w.offset(k.x, l.c)) - K;
+    const Acc x = load_at<T>(k.x, w.offset(k.x, l.c));
+    const Acc v = x - K;
+    sum += x;
     n += Acc(1);
+    const Acc inv = loop_div(Acc(1), n);
     const Acc d = v - mean;
-    mean += loop_div(d, n);
-    m2 += d * (v - mean);
+    mean += d * inv;
+    var = var * (Acc(1) - inv) + (d * inv) * (v - mean);  // at most d^2/4: no early overflow
+    const Acc s = K + mean, k_part = s - K;
+    mean = (K - (s - k_part)) + (mean - k_part);
+    K = s;
   });
-  block_fold(l, k.block_c, s_mean, s_m2, s_n, mean, m2, n, WelfordFold());
+  Moments m = {K, mean, var, n, sum};
+  block_fold_moments(l, k.block_c, s_moments, m);
   if (!l.active) return;
-  if (k.splits > 1) return store_partials(k, l, mean, m2);
-  const Acc var = m2 / static_cast<Acc>(k.n * k.s);
-  const Acc rstd = inv_std(var, k.eps);
+  if (k.splits > 1) return store_moments<Acc>(k, l, m);
+  const Acc channel_mean = static_cast<Acc>(moments_mean(m));
+  const Acc channel_var = static_cast<Acc>(m.var);
+  const Acc rstd = inv_std(channel_var, k.eps);
   if (l.tr == 0) {
-    store_stat(k.stats_out[0], l.c, K + mean);
+    store_stat(k.stats_out[0], l.c, channel_mean);
     store_stat(k.stats_out[1], l.c, rstd);
-    store_stat(k.stats_out[2], l.c, var);
+    store_stat(k.stats_out[2], l.c, channel_var);
   }
-  if (k.out.ptr) normalize_rows<T>(k, l, channel<Acc>(k, l.c, K + mean, rstd));
+  if (k.out.ptr) normalize_rows<T>(k, l, channel<Acc>(k, l.c, channel_mean, rstd));
 }
 
 template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS grad_sums_kernel(BnkCall k) {
@@ -219,36 +248,34 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS grad_sums_kernel(BnkCall
   }
 }
 
-// Split k holds n_k = min(rows_per_split, R - k * rows_per_split) rows; every earlier one is full.
+// Split j holds min(rows_per_split, R - j * rows_per_split) rows; every earlier one is full.
 template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS merge_kernel(BnkCall k, int backward) {
   typedef typename AccOf<T>::type Acc;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= k.c) return;
   const Acc* part = static_cast<const Acc*>(k.workspace);
   const int64_t rows = k.n * k.s;
-  Acc a = 0, b = 0;
-  for (int64_t j = 0; j < k.splits; ++j) {
-    const Acc part_a = part[j * k.c + c], part_b = part[(k.splits + j) * k.c + c];
-    if (backward) {
-      a += part_a;
-      b += part_b;
-      continue;
-    }
-    const int64_t before = j * k.rows_per_split;
-    const int64_t here = rows - before < k.rows_per_split ? rows - before : k.rows_per_split;
-    const Acc n_a = static_cast<Acc>(before), n_b = static_cast<Acc>(here);
-    const Acc w_b = n_b / (n_a + n_b);
-    const Acc delta = part_a - a;
-    a += delta * w_b;
-    b += part_b + delta * delta * n_a * w_b;
-  }
   if (backward) {
+    Acc a = 0, b = 0;
+    for (int64_t j = 0; j < k.splits; ++j) {
+      a += part[j * k.c + c];
+      b += part[(k.splits + j) * k.c + c];
+    }
     store_stat(k.stats_out[0], c, a);
     store_stat(k.stats_out[1], c, b);
     return;
   }
-  const Acc var = b / static_cast<Acc>(rows);
-  store_stat(k.stats_out[0], c, a + load_at<T>(k.x, c * k.x.sc));
+  Moments m = {0, 0, 0, 0, 0};
+  for (int64_t j = 0; j < k.splits; ++j) {
+    const int64_t before = j * k.rows_per_split;
+    const int64_t here = rows - before < k.rows_per_split ? rows - before : k.rows_per_split;
+    const Moments b = {part[j * k.c + c], part[(k.splits + j) * k.c + c],
+                       part[(2 * k.splits + j) * k.c + c], static_cast<double>(here),
+                       part[(3 * k.splits + j) * k.c + c]};
+    moments_merge(m, b);
+  }
+  const Acc var = static_cast<Acc>(m.var);
+  store_stat(k.stats_out[0], c, static_cast<Acc>(moments_mean(m)));
   store_stat(k.stats_out[1], c, inv_std(var, k.eps));
   store_stat(k.stats_out[2], c, var);
 }

@@ -58,17 +58,43 @@ template <typename Acc> BNK_DEVICE Acc inv_std(Acc var, double eps) {
   return Acc(1) / bnk_sqrt(var + static_cast<Acc>(eps));
 }
 
-// Chan, Golub & LeVeque: fold partial b = (mean_b, m2_b, n_b) into a, exactly; empty
-// partials are a no-op.
-template <typename Acc>
-BNK_DEVICE void welford_merge(Acc& mean_a, Acc& m2_a, Acc& n_a, Acc mean_b, Acc m2_b, Acc n_b) {
-  const Acc n = n_a + n_b;
-  if (n == Acc(0)) return;
-  const Acc w_b = n_b / n;
-  const Acc delta = mean_b - mean_a;
-  mean_a += delta * w_b;
-  m2_a += m2_b + delta * delta * n_a * w_b;
-  n_a = n;
+// A partial of the forward statistics: n values whose mean is that of x - k, their biased
+// variance (var, not M2 = n * var: for |x| near 1e19, M2 overflows float32 where var does
+// not) and their plain sum. Merges run in double: partials' shifts differ by up to the
+// data's range, and float32 merges would round at its scale.
+struct Moments {
+  double k, mean, var, n, sum;
+};
+
+// Chan, Golub & LeVeque: fold b into a. d = (k_b - k_a) + (mean_b - mean_a); the merged
+// mean is kept relative to whichever shift it is smaller against, so that a shift that is
+// an outlier does not become every later merge's. An empty partial is skipped, never
+// multiplied by its zero weight (inf * 0 would be NaN).
+BNK_DEVICE void moments_merge(Moments& a, const Moments& b) {
+  if (b.n == 0) return;
+  if (a.n == 0) {
+    a = b;
+    return;
+  }
+  const double n = a.n + b.n, w_b = b.n / n, w_a = 1.0 - w_b;
+  const double d = (b.k - a.k) + (b.mean - a.mean);
+  const double mean_ka = a.mean + d * w_b, mean_kb = b.mean - d * w_a;
+  if (fabs(mean_kb) < fabs(mean_ka)) {
+    a.k = b.k;
+    a.mean = mean_kb;
+  } else {
+    a.mean = mean_ka;
+  }
+  a.var = w_a * a.var + w_b * b.var + (d * w_a) * (d * w_b);
+  a.n = n;
+  a.sum += b.sum;
+}
+
+// The channel's mean: k + mean, or, where that is not finite (an inf or NaN in x, which
+// Welford's running mean turns into NaN), the plain sum / n, torch's inf or NaN.
+BNK_DEVICE double moments_mean(const Moments& m) {
+  const double shifted = m.k + m.mean;
+  return fabs(shifted) < INFINITY ? shifted : m.sum / m.n;
 }
 
 // act(z): 0 identity, 1 relu, 2 silu, 3 gelu (erf). relu keeps NaN, as torch.relu.

@@ -33,7 +33,7 @@ typedef struct {
   // (C,) acc outputs; NULL: not wanted. Forward training: mean, rstd, biased var.
   // Backward: sum g, sum g*xhat (their presence asks for the reduction).
   void* stats_out[3];
-  void* workspace;  // acc, 2 * splits * C; used when splits > 1
+  void* workspace;  // acc, 4 * splits * C (forward; backward uses 2); used when splits > 1
   double eps;
   double sum_count;  // the divisor of the sums in the three-path dx (m = N*S)
   int32_t dtype, weight_dtype, bias_dtype, stat_dtype;

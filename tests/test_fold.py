@@ -230,3 +230,50 @@ def test_onnx_export_has_no_batchnorm(dynamo, tmp_path):
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
+
+
+class ReachesIntoItsSequential(DataDependent):
+    """Does not trace, and calls a conv of its Sequential directly too: folding seq.0 would
+    change that direct call's result."""
+
+    def forward(self, x):
+        x = self.seq(x) + self.seq[0](x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.head_bn(self.head_conv(x))
+
+
+def test_untraceable_parent_that_reaches_into_a_child_leaves_it():
+    torch.manual_seed(0)
+    model = ReachesIntoItsSequential().eval()
+    model.block = nn.Identity()
+    model.head_conv = nn.Conv2d(4, 8, 1)
+    folded, report = check_fold(model, torch.randn(2, 3, 8, 8), 2)
+    reasons = dict(report.left)
+    assert "reaches into seq" in reasons["seq.1"]
+
+
+@pytest.mark.parametrize("where", ["conv", "bn"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "backward"])
+def test_layers_with_hooks_are_left(where, kind):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    seen = []
+    module = model[0] if where == "conv" else model[1]
+    if kind == "forward":
+        module.register_forward_hook(lambda m, i, o: seen.append(o.sum()))
+    elif kind == "forward_pre":
+        module.register_forward_pre_hook(lambda m, i: seen.append(i[0].sum()))
+    else:
+        module.register_full_backward_hook(lambda m, gi, go: None)
+    folded, report = check_fold(model, torch.randn(2, 3, 6, 6), 1)
+    assert "hooks" in report.left[0][1]
+
+
+def test_global_hooks_leave_every_pair():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        _, report = check_fold(model, torch.randn(2, 3, 6, 6), 1)
+    finally:
+        handle.remove()
+    assert "hooks" in report.left[0][1]

@@ -64,7 +64,8 @@ def _record_variants(monkeypatch):
         for fmt in ("contiguous", "channels_last"):
             x = make_input((4, 6, 5, 7), dtype, device, fmt).requires_grad_(True)
             r = make_input((4, 6, 5, 7), dtype, device, fmt, seed=2).requires_grad_(True)
-            w, b, rm, rv = random_params(6, torch.float32, device)
+            w, b, rm, rv = random_params(6, torch.float64 if dtype == torch.float64
+                                         else torch.float32, device)
             w.requires_grad_(True)
             for training in (True, False):
                 # every epilogue in float32; the other dtypes: none, and the richest
@@ -73,6 +74,13 @@ def _record_variants(monkeypatch):
                     y = bnkernels.batch_norm(x, rm, rv, w, b, training, activation=activation,
                                              residual=r if with_res else None)
                     y.sum().backward()
+    # per-channel tensors as strided and expanded views (their strides are not 1)
+    x = make_input((4, 6, 5, 7), torch.float32, device).requires_grad_(True)
+    w, _, rm, rv = (torch.stack([t, t], 1)[:, 0] for t in random_params(6, torch.float32,
+                                                                        device))
+    for training in (True, False):
+        y = bnkernels.batch_norm(x, rm, rv, w, torch.ones(1).expand(6), training)
+        y.sum().backward()
     # SyncBatchNorm's pieces: global statistics in, the input gradient out
     x = make_input((4, 6, 9), torch.float32, device)
     mean, var = torch.ops.bnkernels.batch_norm_stats(x)

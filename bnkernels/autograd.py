@@ -1,0 +1,213 @@
+"""Autograd for bnkernels' BatchNorm, in every mode torch's own BatchNorm has.
+
+  BatchNormFunction          y = act(bn(x) + residual) through ops.batch_norm_fwd (the
+                             kernels). backward: through BatchNormBackwardFunction, so that
+                             it is differentiable again. jvp (forward-mode AD): on the
+                             kernels too, below. vmap: generated from the ops' batching rules
+                             (ops.py), so torch.func.grad, jacrev, jacfwd, vmap and
+                             functional_call all work.
+  BatchNormBackwardFunction  the backward pass through ops.batch_norm_bwd (the kernels). Its
+                             own derivative (double backward: gradient penalties, Hessian-
+                             vector products) is the vjp of the plain-torch backward formula
+                             (reference.backward_through_stats), whose batch statistics are
+                             recomputed from x so that the paths through mean(x) and var(x)
+                             are differentiated too. First-order passes always run on the
+                             kernels; only the second-order ones run as plain torch ops.
+
+Why two routes into the same formulas: torch.compile (dynamo) refuses an autograd.Function
+with a custom jvp, so under compilation functional.py calls the op directly, and the op's
+register_autograd formula below is the same backward.
+
+The jvp of z = (x - mean) * gamma * rstd + beta + residual (then y = act(z)):
+    training  dz = gamma * rstd * (dx - mean(dx) - xhat * mean(dx * xhat))
+                   + dgamma * xhat + dbeta + dresidual
+    eval      dz = gamma * rstd * dx + dgamma * xhat + dbeta + dresidual
+The first term is the backward pass's input gradient with g = dx (BatchNorm's Jacobian
+in x is symmetric), the next two the eval forward with (dgamma, dbeta) as its affine.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import activations, ops, reference
+from .layout import acc_dtype
+
+
+def _save(ctx, inputs, output) -> None:
+    """What backward and jvp need (shared by both routes). xhat is never saved: it is
+    recomputed from x, and with an activation z = bn(x) + residual too (bias and residual
+    are saved for that)."""
+    x, weight, bias, running_mean, running_var, training, eps, activation, residual = inputs
+    y, mean, rstd, var = output
+    ctx.mark_non_differentiable(mean, rstd, var)  # statistics for the buffers, not the loss
+    # Training: the float32 (float64) batch mean and rstd; eval: the running statistics.
+    stats = (mean, rstd) if training else (running_mean, running_var)
+    fused = activation is not None
+    aux = residual
+    if activation == "relu" and residual is not None:
+        # relu' = (y > 0): keep y, which torch's relu keeps too, not the residual, which an
+        # unfused add would let go (a downsample branch's output).
+        aux = y
+    ctx.save_for_backward(x, weight, bias if fused else None, aux if fused else None, *stats)
+    ctx.training, ctx.eps, ctx.activation = training, eps, activation
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_y, bwd):
+    """The gradients of batch_norm_fwd's inputs; bwd runs the backward op (the op itself,
+    or BatchNormBackwardFunction.apply where it must be differentiable again)."""
+    x, weight, bias, aux, mean, stat = ctx.saved_tensors
+    need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    need_dres = ctx.needs_input_grad[8]
+    fused_dres = need_dres and ctx.activation is not None
+    dx, sum_g, sum_gx, dres = bwd(grad_y, x, weight, bias, aux, mean, stat, ctx.training,
+                                  ctx.eps, ctx.activation, need_dx, need_dweight or need_dbias,
+                                  fused_dres)
+    if need_dres and not fused_dres:
+        dres = grad_y  # z = bn(x) + residual with no activation: dL/dresidual = dL/dy
+    return (dx if need_dx else None,
+            sum_gx.to(weight.dtype) if need_dweight else None,
+            sum_g.to(ctx.bias_dtype) if need_dbias else None,
+            None, None, None, None, None,
+            dres if need_dres else None)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """(y, mean, rstd, var) = ops.batch_norm_fwd(...), differentiable in x, weight, bias and
+    residual in every autograd mode."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, training, eps, activation,
+                residual):
+        return torch.ops.bnkernels.batch_norm_fwd(x, weight, bias, running_mean, running_var,
+                                                  training, eps, activation, residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs, output)
+        x, weight, bias, running_mean, running_var, training, _, _, residual = inputs
+        y, mean, rstd, var = output
+        # jvp: mean and a variance to normalize with, and rstd (or the running variance)
+        # for the backward op's input gradient.
+        stats = (mean, var, rstd) if training else (running_mean, running_var, running_var)
+        ctx.save_for_forward(x, weight, bias, residual, y, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd, _grad_var):
+        return _backward(ctx, grad_y, BatchNormBackwardFunction.apply)
+
+    @staticmethod
+    def jvp(ctx, t_x, t_weight, t_bias, _t_rm, _t_rv, _t_training, _t_eps, _t_act, t_res):
+        x, weight, bias, residual, y, mean, var, stat = ctx.saved_tensors
+        training, eps, activation = ctx.training, ctx.eps, ctx.activation
+        terms = []
+        if t_x is not None:  # the backward op's dx with g = t_x: gamma * rstd * (...)
+            terms.append(torch.ops.bnkernels.batch_norm_bwd(
+                t_x, x, weight, None, None, mean, stat, training, eps, None, True, False,
+                False)[0])
+        if t_weight is not None or t_bias is not None:  # dgamma * xhat + dbeta
+            if t_weight is None:
+                t_weight = torch.zeros(x.shape[1], dtype=t_bias.dtype, device=x.device)
+            terms.append(torch.ops.bnkernels.batch_norm_fwd(
+                x, t_weight, t_bias, mean, var, False, eps, None, None)[0])
+        if t_res is not None:
+            terms.append(t_res)
+        if not terms:
+            return None, None, None, None
+        t_z = terms[0]
+        for term in terms[1:]:
+            t_z = t_z + term
+        if activation == "relu":  # relu' = (z > 0) = (y > 0)
+            t_y = torch.where(y > 0, t_z, torch.zeros_like(t_z))
+        elif activation is not None:
+            z = torch.ops.bnkernels.batch_norm_fwd(x, weight, bias, mean, var, False, eps, None,
+                                                   residual)[0]
+            acc = acc_dtype(x.dtype)
+            t_y = activations.grad(t_z.to(acc), z.to(acc), activation).to(y.dtype)
+        else:
+            t_y = t_z
+        return t_y, None, None, None
+
+
+class BatchNormBackwardFunction(torch.autograd.Function):
+    """ops.batch_norm_bwd(...), differentiable in grad_y, x, weight, bias and the residual."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_y, x, weight, bias, aux, mean, stat, training, eps, activation, need_dx,
+                need_sums, need_dres):
+        return torch.ops.bnkernels.batch_norm_bwd(grad_y, x, weight, bias, aux, mean, stat,
+                                                  training, eps, activation, need_dx,
+                                                  need_sums, need_dres)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_y, x, weight, bias, aux, mean, stat, *flags = inputs
+        ctx.save_for_backward(grad_y, x, weight, bias, aux, mean, stat)
+        ctx.flags = tuple(flags)
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        return _double_backward(ctx.saved_tensors, ctx.flags, ctx.needs_input_grad, cotangents)
+
+
+def _double_backward(saved, flags, needs_input_grad, cotangents):
+    """The vjp of reference.backward_through_stats at the saved inputs: the gradients of the
+    backward op's grad_y, x, weight, bias and residual (None for the rest)."""
+    grad_y, x, weight, bias, aux, mean, stat = saved
+    training, eps, activation, need_dx, need_sums, need_dres = flags
+    tensors = [grad_y, x, weight, bias, aux]
+    # relu's aux is the output y: the mask (y > 0) has derivative 0 almost everywhere.
+    differentiable = 4 if activation == "relu" else 5
+    wrt = [i for i in range(differentiable) if tensors[i] is not None and needs_input_grad[i]]
+    grads = [None] * (len(saved) + len(flags))
+    if not wrt:
+        return tuple(grads)
+
+    def backward_of(*chosen: Tensor):
+        full = list(tensors)
+        for i, t in zip(wrt, chosen):
+            full[i] = t
+        return reference.backward_through_stats(*full, mean, stat, training, eps, activation,
+                                                need_dx, need_sums, need_dres)
+
+    _, vjp = torch.func.vjp(backward_of, *(tensors[i] for i in wrt))
+    for i, g in zip(wrt, vjp(tuple(cotangents))):
+        grads[i] = g
+    return tuple(grads)
+
+
+def _op_backward(ctx, grad_y, _grad_mean, _grad_rstd, _grad_var):
+    return _backward(ctx, grad_y, torch.ops.bnkernels.batch_norm_bwd)
+
+
+def _op_setup_backward(ctx, inputs, output):
+    BatchNormBackwardFunction.setup_context(ctx, inputs, output)
+
+
+def _op_double_backward(ctx, *cotangents):
+    return _double_backward(ctx.saved_tensors, ctx.flags, ctx.needs_input_grad, cotangents)
+
+
+# The route torch.compile takes (see the module docstring): the ops' own autograd formulas.
+ops.batch_norm_fwd.register_autograd(_op_backward, setup_context=_save)
+ops.batch_norm_bwd.register_autograd(_op_double_backward, setup_context=_op_setup_backward)
+
+
+def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   training: bool, eps: float, activation: Optional[str],
+                   residual: Optional[Tensor]):
+    """(y, mean, rstd, var) with autograd: BatchNormFunction in eager mode, the op itself
+    (and its registered formula) under torch.compile."""
+    if torch.compiler.is_compiling():
+        return torch.ops.bnkernels.batch_norm_fwd(x, weight, bias, running_mean, running_var,
+                                                  training, eps, activation, residual)
+    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, eps,
+                                   activation, residual)
