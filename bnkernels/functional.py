@@ -42,8 +42,9 @@ def check_momentum(momentum) -> Optional[float]:
     TypeError, raised before anything is written."""
     if momentum is None or isinstance(momentum, float):
         return momentum
-    if isinstance(momentum, numbers.Real) or (isinstance(momentum, Tensor)
-                                              and momentum.numel() == 1):
+    # torch's parser takes a 0-dim tensor that does not require grad as a float
+    if isinstance(momentum, numbers.Real) or (isinstance(momentum, Tensor) and momentum.dim() == 0
+                                              and not momentum.requires_grad):
         return float(momentum)
     raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not "
                     f"{type(momentum).__name__}")
@@ -97,6 +98,12 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
     for t in (running_mean, running_var):
         if t is not None and t.dim() != 1:
             raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {t.dim()}")
+        # Written in training: an expanded statistic (stride 0) would have every channel
+        # write one element. torch's batch_norm lets one channel win; an in-place op refuses.
+        if training and t is not None and t.numel() > 1 and t.stride(0) == 0:
+            raise RuntimeError("unsupported operation: more than one element of the written-to "
+                               "tensor refers to a single memory location. Please clone() the "
+                               "tensor before performing the operation.")
     _check_dtypes(input, [t for t in (weight, bias, running_mean, running_var) if t is not None])
     if torch.is_grad_enabled():
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):

@@ -208,12 +208,40 @@ def _welford_combine(k_a, mean_a, var_a, n_a, sum_a, k_b, mean_b, var_b, n_b, su
 
 
 @triton.jit
-def _recenter(k, mean):
-    """(K + mean, the exact rounding error of that sum): Knuth's TwoSum, so the running mean
-    K + mean is kept to twice the working precision and K moves to it."""
-    s = k + mean
-    k_part = s - k
-    err = (k - (s - k_part)) + (mean - k_part)
+def _pairs(t):
+    """A [C, 2m] tile as its even and odd columns, two [C, m] tiles."""
+    return tl.split(tl.reshape(t, [t.shape[0], t.shape[1] // 2, 2]))
+
+
+@triton.jit
+def _merge_lanes(k, mean, var, n, total, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The BLOCK_R lanes' partials (each [BLOCK_C, BLOCK_R]) merged into one per channel
+    ([BLOCK_C] K, mean, var, sum) by _welford_combine, pairwise: lane 2i with lane 2i+1, then
+    again, log2(BLOCK_R) rounds. Why not tl.reduce with _welford_combine: the same tree on
+    a GPU, but triton's interpreter runs a custom combine once per element in Python, which
+    made a 65k-element channel take a minute there; these rounds are whole-tile operations."""
+    tl.static_assert(BLOCK_R <= 65536)
+    for _ in tl.static_range(16):
+        if k.shape[1] > 1:  # shapes are compile-time constants: this unrolls
+            k_a, k_b = _pairs(k)
+            mean_a, mean_b = _pairs(mean)
+            var_a, var_b = _pairs(var)
+            n_a, n_b = _pairs(n)
+            sum_a, sum_b = _pairs(total)
+            k, mean, var, n, total = _welford_combine(k_a, mean_a, var_a, n_a, sum_a,
+                                                      k_b, mean_b, var_b, n_b, sum_b)
+    return (tl.reshape(k, [BLOCK_C]), tl.reshape(mean, [BLOCK_C]), tl.reshape(var, [BLOCK_C]),
+            tl.reshape(total, [BLOCK_C]))
+
+
+@triton.jit
+def _two_sum(a, b):
+    """(a + b rounded, the exact rounding error of that sum): Knuth's TwoSum (no product,
+    so no FMA contraction can change it). The statistics loop keeps the running mean
+    K + mean, and x - K, to twice the working precision with it."""
+    s = a + b
+    b_part = s - a
+    err = (a - (s - b_part)) + (b - b_part)
     return s, err
 
 
@@ -248,14 +276,20 @@ def _partial_stats_kernel(
     """Per-channel partial reductions over this program's rows [row0, row_end).
 
     Forward, one-pass Welford per lane (never E[x^2] - E[x]^2), in variance form, with the
-    lane's running mean held as an unevaluated sum K + mean (_recenter):
-        n += 1;  v = x - K;  d = v - mean;  mean += d / n;  var = var * (1 - 1/n) + (d / n) * (v - mean)
+    lane's running mean held as an unevaluated sum K + mean, and the variance as var + e,
+    both kept with _two_sum:
+        n += 1;  v = x - K;  d = v - mean;  mean += d / n
+        t = (d / n) * (v - mean);  (var, e) = var + ((t - var / n) + e), with its rounding error
+        (where that sum is not finite: var = var * (1 - 1/n) + t, e = 0)
         (K, mean) = (K + mean, its rounding error)
     and the plain sum of x beside it (_finish_stats). The lanes are then merged with
-    _welford_combine. Why: a float32 running mean near 1e4 moves in steps of 1e-3, which
+    _merge_lanes. Why: a float32 running mean near 1e4 moves in steps of 1e-3, which
     cost x = 1e4 + randn its variance's precision; a fixed shift (the channel's first
     value, say) fixes that only while the shift is not itself an outlier. Re-centred
-    every step, K is always the running mean, wherever the outliers are. The variance
+    every step, K is always the running mean, wherever the outliers are. The variance's
+    steps are small against it (about var / n), and rounded sums of them drift by
+    ~sqrt(n) ulps: after an outlier, 4096 values of one lane left var 1e-5 off in
+    float32 (var * (1 - 1/n) + ..., as M2 += ...); summed with its error, 7e-8. The
     update's product (d / n) * (v - mean) is at most d^2 / 4: no overflow for |x| below
     ~1.8e19, and past that an inf, never an inf - inf.
     Backward, with xhat = (x - mean) * rstd and g the gradient reaching the BN output
@@ -278,6 +312,7 @@ def _partial_stats_kernel(
         z_mean, shift = _z_mean_shift(mean, scale, shift)
     else:
         k = tl.zeros([BLOCK_C, BLOCK_R], ACC)
+        b_err = tl.zeros([BLOCK_C, BLOCK_R], ACC)
         total = tl.zeros([BLOCK_C, BLOCK_R], ACC)
         count = tl.zeros([1, BLOCK_R], ACC)
     for start in range(row0, row_end, BLOCK_R):
@@ -300,8 +335,14 @@ def _partial_stats_kernel(
             inv = 1.0 / tl.maximum(count, 1.0)  # one division per lane, shared by the channels
             delta = v - a
             a += tl.where(r_mask, delta * inv, 0.0)
-            b = tl.where(r_mask, b * (1.0 - inv) + (delta * inv) * (v - a), b)
-            k, a = _recenter(k, a)
+            t = (delta * inv) * (v - a)
+            var_sum, var_err = _two_sum(b, (t - b * inv) + b_err)
+            # not finite: an overflow (|x| near 1e19) or a NaN: the plain update, in which
+            # inf stays inf and NaN stays NaN (the compensation would make both NaN)
+            summed = tl.abs(var_sum) < float("inf")
+            b_err = tl.where(r_mask, tl.where(summed, var_err, 0.0), b_err)
+            b = tl.where(r_mask, tl.where(summed, var_sum, b * (1.0 - inv) + t), b)
+            k, a = _two_sum(k, a)
 
     if BACKWARD:
         tl.store(part_ptr + split * C + c, tl.sum(a, axis=1), mask=c_mask)
@@ -311,9 +352,9 @@ def _partial_stats_kernel(
         # The lanes merge in float64 (once per program, not per element): their shifts
         # differ by up to the data's range, and float32 merges would round at its scale.
         f64 = tl.float64
-        out_k, out_mean, out_var, _, out_sum = tl.reduce(
-            (k.to(f64), a.to(f64), b.to(f64), counts.to(f64), total.to(f64)), 1,
-            _welford_combine)
+        out_k, out_mean, out_var, out_sum = _merge_lanes(
+            k.to(f64), a.to(f64), b.to(f64) + b_err.to(f64), counts.to(f64), total.to(f64),
+            BLOCK_C, BLOCK_R)
         tl.store(part_ptr + split * C + c, out_k, mask=c_mask)
         tl.store(part_ptr + (num_splits + split) * C + c, out_mean, mask=c_mask)
         tl.store(part_ptr + (2 * num_splits + split) * C + c, out_var, mask=c_mask)

@@ -191,10 +191,12 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS stats_kernel(BnkCall k) 
   BNK_SHARED Moments s_moments[BNK_MAX_THREADS];
   const Lane l = lane_of(k);
   // Welford in variance form, the thread's running mean held as K + mean and re-centred
-  // every step (K = K + mean, mean = its rounding error, Knuth's TwoSum): a float32 mean
-  // near 1e4 would move in steps of 1e-3, and a fixed shift helps only while it is not an
-  // outlier itself. The Triton kernel's docstring has the longer story.
-  Acc K = 0, mean = 0, var = 0, n = 0, sum = 0;
+  // every step (K = K + mean, mean = its rounding error: two_sum), the variance summed with
+  // its rounding error (var + var_err): a float32 mean near 1e4 would move in steps of
+  // 1e-3, a fixed shift helps only while it is not an outlier itself, and the variance's
+  // small steps, rounded, drift by ~sqrt(n) ulps. The Triton kernel's docstring has the
+  // story and the figures.
+  Acc K = 0, mean = 0, var = 0, var_err = 0, n = 0, sum = 0;
   for_each_row(k, l, [&](const RowWalk& w) {  // never E[x^2] - E[x]^2
     const Acc x = load_at<T>(k.x, w.offset(k.x, l.c));
     const Acc v = x - K;
@@ -203,12 +205,17 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS stats_kernel(BnkCall k) 
     const Acc inv = loop_div(Acc(1), n);
     const Acc d = v - mean;
     mean += d * inv;
-    var = var * (Acc(1) - inv) + (d * inv) * (v - mean);  // at most d^2/4: no early overflow
-    const Acc s = K + mean, k_part = s - K;
-    mean = (K - (s - k_part)) + (mean - k_part);
-    K = s;
+    const Acc t = (d * inv) * (v - mean);  // at most d^2/4: no early overflow
+    Acc err;
+    const Acc summed = two_sum(var, (t - var * inv) + var_err, err);
+    // not finite: an overflow (|x| near 1e19) or a NaN: the plain update, in which inf
+    // stays inf and NaN stays NaN (the compensation would make both NaN)
+    const bool finite = fabs(summed) < Acc(INFINITY);
+    var = finite ? summed : var * (Acc(1) - inv) + t;
+    var_err = finite ? err : Acc(0);
+    K = two_sum(K, mean, mean);
   });
-  Moments m = {K, mean, var, n, sum};
+  Moments m = {K, mean, double(var) + double(var_err), n, sum};
   block_fold_moments(l, k.block_c, s_moments, m);
   if (!l.active) return;
   if (k.splits > 1) return store_moments<Acc>(k, l, m);

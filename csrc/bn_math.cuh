@@ -54,6 +54,14 @@ BNK_DEVICE float loop_div(float a, float b) {
 }
 BNK_DEVICE double loop_div(double a, double b) { return a / b; }
 
+// Knuth's TwoSum: s = a + b rounded, and err, the exact a + b - s (no FMA can fuse it: it
+// has no product). The statistics loop keeps x - K and K + mean to twice the precision.
+template <typename Acc> BNK_DEVICE Acc two_sum(Acc a, Acc b, Acc& err) {
+  const Acc s = a + b, b_part = s - a;
+  err = (a - (s - b_part)) + (b - b_part);
+  return s;
+}
+
 template <typename Acc> BNK_DEVICE Acc inv_std(Acc var, double eps) {
   return Acc(1) / bnk_sqrt(var + static_cast<Acc>(eps));
 }

@@ -87,6 +87,31 @@ def random_params(c, dtype, device, seed=1):
     return weight, bias, running_mean, running_var
 
 
+CHANNEL_VIEWS = ("contiguous", "strided", "sliced", "column", "expanded")
+
+
+def channel_base(kind, values):
+    """A tensor that channel_view(kind, .) views as `values` (C,): the view's storage."""
+    c = values.numel()
+    if kind == "contiguous":
+        return values.clone()
+    if kind == "expanded":  # one value for every channel
+        return values[:1].clone()
+    base = {"strided": lambda: values.new_zeros(2 * c), "sliced": lambda: values.new_zeros(c + 3),
+            "column": lambda: values.new_zeros(c, 3)}[kind]()
+    with torch.no_grad():
+        channel_view(kind, base, c).copy_(values)
+    return base
+
+
+def channel_view(kind, base, c):
+    """A per-channel tensor of c elements viewing base: t[::2] (strided), a slice at an
+    offset (sliced), a matrix column (column, stride 3), t.expand(c) (expanded, stride 0)."""
+    return {"contiguous": lambda: base, "strided": lambda: base[::2],
+            "sliced": lambda: base[2:2 + c], "column": lambda: base[:, 1],
+            "expanded": lambda: base.expand(c)}[kind]()
+
+
 def float64_reference(x, weight, bias, running_mean, running_var, training, eps=1e-5):
     """(y, mean, rstd, var) of the plain-torch math in float64."""
     d = [None if t is None else t.double() for t in (weight, bias, running_mean, running_var)]

@@ -90,3 +90,109 @@ def test_momentum_none_in_functional_is_a_type_error(device):
     with pytest.raises(TypeError):
         bnkernels.batch_norm(x, torch.zeros(3, device=device), torch.ones(3, device=device),
                              training=True, momentum=None)
+
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_eval_with_one_running_statistic(missing, device):
+    x = torch.randn(2, 3, 4, device=device)
+    stats = {"running_mean": torch.zeros(3, device=device),
+             "running_var": torch.ones(3, device=device), missing: None}
+    _assert_same_error(lambda: torch.nn.functional.batch_norm(x, training=False, **stats),
+                       lambda: bnkernels.batch_norm(x, training=False, **stats))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
+                                   torch.complex64])
+def test_unsupported_input_dtype_wording(dtype, device):
+    x = torch.ones(2, 3, 4, dtype=dtype, device=device)
+    for training in (True, False):
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        if device == "cpu":  # (torch's CUDA wording names its kernel: the type is the contract)
+            _assert_same_error(lambda: torch.nn.functional.batch_norm(x, rm, rv, training=training),
+                               lambda: bnkernels.batch_norm(x, rm, rv, training=training))
+        with pytest.raises(NotImplementedError, match="'[A-Z][A-Za-z]+'"):  # 'Long', 'Bool'
+            bnkernels.batch_norm(x, rm, rv, training=training)
+        assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rv, torch.ones_like(rv))
+
+
+@pytest.mark.parametrize("momentum", ["0.1", [0.1], torch.tensor([0.1]), object(),
+                                      torch.tensor(0.1, requires_grad=True)])
+def test_momentum_that_is_not_a_number(momentum, device):
+    """torch's TypeError, raised before anything is written: by the functional form and by
+    a module (whose num_batches_tracked does not move)."""
+    x = torch.randn(4, 3, 5, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    _assert_same_error(
+        lambda: torch.nn.functional.batch_norm(x, rm, rv, training=True, momentum=momentum),
+        lambda: bnkernels.batch_norm(x, rm, rv, training=True, momentum=momentum))
+    assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rv, torch.ones_like(rv))
+    ref, ours = bn_pair(3, 3, torch.float32, device)
+    ref.momentum = ours.momentum = momentum
+    before = _state(ours)
+    with pytest.raises(TypeError):
+        ref(x)
+    with pytest.raises(TypeError):
+        ours(x)
+    assert all(torch.equal(v, _state(ours)[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("number", [0.25, 1, True, torch.tensor(0.25), torch.tensor(1)])
+def test_momentum_as_any_number(number, device):
+    x = torch.randn(4, 3, 5, device=device)
+    results = []
+    for fn in (torch.nn.functional.batch_norm, bnkernels.batch_norm):
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        fn(x, rm, rv, training=True, momentum=number)
+        results.append((rm, rv))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("case", ["float64_stats", "float64_weight", "float16_weight",
+                                  "float16_input_float64_stats", "stats_require_grad",
+                                  "stats_shaped_1c11", "weight_float64_stats_float32"])
+@pytest.mark.parametrize("training", [True, False])
+def test_mixed_dtype_and_shape_errors_like_torch(case, training, device):
+    x = torch.randn(4, 3, 5, device=device)
+    args = {"running_mean": torch.zeros(3, device=device),
+            "running_var": torch.ones(3, device=device),
+            "weight": torch.rand(3, device=device) + 0.5, "bias": torch.randn(3, device=device)}
+    if case == "float64_stats":
+        args.update(running_mean=args["running_mean"].double(),
+                    running_var=args["running_var"].double())
+    elif case == "float64_weight":
+        args.update(weight=args["weight"].double())
+    elif case == "float16_weight":
+        args.update(weight=args["weight"].half())
+    elif case == "float16_input_float64_stats":
+        x = x.half()
+        args.update(running_mean=args["running_mean"].double())
+    elif case == "stats_require_grad":
+        args["running_mean"].requires_grad_(True)
+    elif case == "stats_shaped_1c11":
+        args.update(running_mean=args["running_mean"].reshape(1, 3, 1, 1),
+                    running_var=args["running_var"].reshape(1, 3, 1, 1))
+    elif case == "weight_float64_stats_float32":
+        x = x.half()
+        args.update(weight=args["weight"].double())
+    before = {k: v.detach().clone() for k, v in args.items()}
+    _assert_same_error(lambda: torch.nn.functional.batch_norm(x, training=training, **args),
+                       lambda: bnkernels.batch_norm(x, training=training, **args))
+    assert all(torch.equal(args[k].detach(), v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_16_bit_input_with_float32_parameters_is_accepted(dtype, training, device):
+    """What torch on CUDA (and on CPU) accepts, as AMP produces it: 16-bit input, float32
+    weight, bias and running statistics; the output in the input's dtype."""
+    x = (torch.randn(4, 3, 5, device=device) + 0.5).to(dtype)
+    results = []
+    for fn in (torch.nn.functional.batch_norm, bnkernels.batch_norm):
+        rm, rv = torch.zeros(3, device=device) + 0.1, torch.ones(3, device=device)
+        w, b = torch.full((3,), 1.5, device=device), torch.full((3,), -0.5, device=device)
+        y = fn(x, rm, rv, w, b, training=training)
+        results.append((y, rm, rv))
+    assert results[1][0].dtype == dtype
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2)

@@ -1,5 +1,10 @@
-"""The hard cases: |mean| >> std, float16 overflow, constant channels, N*S = 1, empty
-batches, determinism, and the split-and-merge path with many programs per channel."""
+"""The hard cases: |mean| >> std, outliers, float16 overflow, constant channels, N*S = 1,
+empty batches, inf/NaN and |x| near 1e19, bfloat16 rounding, determinism, and the
+split-and-merge path with many programs per channel."""
+import contextlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +12,9 @@ import bnkernels
 from bnkernels import layout
 from helpers import (TOL, assert_close_scaled, bn_pair, float64_reference, kernels_only,
                      make_input, random_params)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import precision  # noqa: E402
 
 # Every test here runs on each kernel backend: Triton and the CUDA C++ of csrc/.
 pytestmark = pytest.mark.usefixtures("kernel_backend")
@@ -162,3 +170,82 @@ def test_int64_chosen_past_2_to_31():
     assert layout.kernel_layout([big], 4, 512).index_64
     small = torch.empty((128, 64, 56, 56), device="meta")
     assert not layout.kernel_layout([small], 4, 512).index_64
+
+
+# ---------------------------------------------------------------- precision, non-finite
+
+# float32 statistics against float64 wherever the outliers are, within 4 float32 ulps:
+# the mean's error relative to the data's RMS sqrt(mean^2 + var) (a mean near 0 has no
+# relative precision of its own), the variance's relative to the variance. The inputs and
+# the measure are bench/precision.py's, whose figures (with torch's) the README states.
+STAT_RTOL = 4 * 2.0**-24
+
+
+@pytest.mark.parametrize("split", list(precision.SIZES))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_statistics_as_accurate_as_float32_allows(split, channels_last, device, request):
+    if split == "many_programs":
+        request.getfixturevalue("many_splits")
+    for name, x in precision.stat_inputs(device, precision.SIZES[split]).items():
+        if channels_last:
+            x = x.unsqueeze(-1).contiguous(memory_format=torch.channels_last)
+        with kernels_only():
+            mean, var = torch.ops.bnkernels.batch_norm_stats(x)
+        mean_err, var_err = precision.stat_errors(mean, var, x)
+        assert mean_err <= STAT_RTOL and var_err <= STAT_RTOL, (name, mean_err, var_err)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_input_gives_torch_statistics(value, device):
+    x = make_input((4, 3, 5), torch.float32, device)
+    x[1, 0, 2] = value  # channel 0: one non-finite value
+    x[2, 1, 0], x[3, 1, 1] = float("inf"), float("-inf")  # channel 1: both infinities
+    results = []
+    for fn, guard in ((torch.nn.functional.batch_norm, contextlib.nullcontext()),
+                      (bnkernels.batch_norm, kernels_only())):
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        with guard:
+            y = fn(x, rm, rv, training=True)
+        results.append((y, rm, rv))
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a, e, equal_nan=True)
+
+
+def test_values_near_the_top_of_float32_range(device):
+    """|x| ~ 1e19: the float64 variance (~1e38) still fits float32; M2 = n * var does not."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(8, 3, 50, generator=gen, dtype=torch.float64) * 1e19).float().to(device)
+    with kernels_only():
+        y = bnkernels.batch_norm(x, None, None, training=True)
+    assert y.isfinite().all()
+    expected = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    # torch's own float32 result is off by up to ~3 here: ours may be no worse
+    torch_err = (torch.nn.functional.batch_norm(x, None, None, training=True).double()
+                 - expected).abs().max()
+    assert (y.double() - expected).abs().max() <= max(torch_err, 1e-5)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("training", [True, False])
+def test_non_finite_weight_gives_torch_pattern(value, training, device):
+    x = make_input((4, 3, 5), torch.float32, device, loc=0.2)
+    w, b, rm, rv = random_params(3, torch.float32, device)
+    w[1] = value
+    expected = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+    with kernels_only():
+        y = bnkernels.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    torch.testing.assert_close(y, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bfloat16_output_is_rounded_to_nearest(training, device):
+    """The bfloat16 result is the float32 result rounded to nearest even, bit for bit:
+    both runs compute the same float32 values (same plan, bf16 loads are exact), so this
+    holds on a GPU and, through conftest's patch, under the interpreter (which truncates)."""
+    x = make_input((4, 6, 7, 5), torch.bfloat16, device, loc=0.4, scale=3.0)
+    w, b, rm, rv = random_params(6, torch.float32, device)
+    with kernels_only():
+        y16 = bnkernels.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+        y32 = bnkernels.batch_norm(x.float(), rm.clone(), rv.clone(), w, b, training)
+    assert torch.equal(y16.view(torch.int16), y32.to(torch.bfloat16).view(torch.int16))

@@ -1,6 +1,8 @@
 """bnkernels.SyncBatchNorm over 2 gloo processes (CPU, a file store: no network) against one
 nn.BatchNorm2d on the concatenated batch; a DDP step; and the world-of-one behaviour."""
+import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -19,6 +21,17 @@ TIMEOUT_S = 300
 
 def _close(a, b, what, tol=1e-5):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=what)
+
+
+def _passed(init_file, rank):
+    """The marker a worker leaves once every one of its checks has passed."""
+    return f"{init_file}.rank{rank}.passed"
+
+
+def _finish(init_file, rank):
+    # A barrier first: no collective is in flight when the group is torn down.
+    dist.barrier()
+    open(_passed(init_file, rank), "w").close()
 
 
 def _sync_worker(rank, init_file, shards, layout, momentum):
@@ -54,6 +67,7 @@ def _sync_worker(rank, init_file, shards, layout, momentum):
                 p_ours.grad = p_ref.grad = None
             for name, buf in ref.named_buffers():
                 _close(getattr(ours, name), buf, f"rank {rank} step {step}: {name}")
+        _finish(init_file, rank)
     finally:
         dist.destroy_process_group()
 
@@ -85,19 +99,32 @@ def _ddp_worker(rank, init_file, shards):
         for (name, a), b in zip(model.named_parameters(), ref.parameters()):
             _close(a, b, f"rank {rank}: {name} after a DDP step")
         _close(model[1].running_var, ref[1].running_var, f"rank {rank}: running_var")
+        _finish(init_file, rank)
     finally:
         dist.destroy_process_group()
 
 
 def _run(fn, *args, tmp_path):
-    ctx = mp.start_processes(fn, args=(str(tmp_path / "store"), *args), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    init_file = str(tmp_path / "store")
+    ctx = mp.start_processes(fn, args=(init_file, *args), nprocs=WORLD, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} processes did not finish in {TIMEOUT_S} s")
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"the {WORLD} processes did not finish in {TIMEOUT_S} s")
+    except mp.ProcessExitedException as exc:
+        # A worker killed by a signal after it passed every check died in torch's own
+        # process-group teardown (gloo's threads at exit, seen once on CI as SIGABRT with
+        # "terminate called without an active exception"), not in anything tested here.
+        # An exception raised by a check exits with code 1 and is re-raised, as is any
+        # signal before every rank's checks have passed.
+        passed = all(os.path.exists(_passed(init_file, r)) for r in range(WORLD))
+        if exc.signal_name is None or not passed:
+            raise
+        warnings.warn(f"every rank passed; then {exc}")
 
 
 @pytest.mark.parametrize("shards,layout,momentum", [
