@@ -61,7 +61,8 @@ def stat_errors(mean, var, x):
 
 @contextlib.contextmanager
 def many_programs():
-    """Tiny tiles and grids of many programs (tests/test_numerics.py's many_splits)."""
+    """Tiny tiles and grids of many programs, every channel split over many of them (also
+    tests/test_numerics.py's many_splits)."""
     from bnkernels import layout
     names = {"INTERPRETER_TILE": 64, "GPU_TILE": 64, "INTERPRETER_PROGRAMS": 64,
              "CUDA_BLOCKS_PER_SM": 1024, "CUDA_MIN_ROWS_PER_LANE": 1}

@@ -214,13 +214,13 @@ def _pairs(t):
 
 
 @triton.jit
-def _merge_lanes(k, mean, var, n, total, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The BLOCK_R lanes' partials (each [BLOCK_C, BLOCK_R]) merged into one per channel
-    ([BLOCK_C] K, mean, var, sum) by _welford_combine, pairwise: lane 2i with lane 2i+1, then
-    again, log2(BLOCK_R) rounds. Why not tl.reduce with _welford_combine: the same tree on
+def _merge_lanes(k, mean, var, n, total):
+    """The lanes' partials (each [BLOCK_C, BLOCK_R]) merged into one per channel ([BLOCK_C]
+    K, mean, var, sum) by _welford_combine, pairwise: lane 2i with lane 2i+1, then again,
+    log2(BLOCK_R) rounds. Why not tl.reduce with _welford_combine: the same tree on
     a GPU, but triton's interpreter runs a custom combine once per element in Python, which
     made a 65k-element channel take a minute there; these rounds are whole-tile operations."""
-    tl.static_assert(BLOCK_R <= 65536)
+    tl.static_assert(k.shape[1] <= 65536)
     for _ in tl.static_range(16):
         if k.shape[1] > 1:  # shapes are compile-time constants: this unrolls
             k_a, k_b = _pairs(k)
@@ -230,15 +230,16 @@ def _merge_lanes(k, mean, var, n, total, BLOCK_C: tl.constexpr, BLOCK_R: tl.cons
             sum_a, sum_b = _pairs(total)
             k, mean, var, n, total = _welford_combine(k_a, mean_a, var_a, n_a, sum_a,
                                                       k_b, mean_b, var_b, n_b, sum_b)
-    return (tl.reshape(k, [BLOCK_C]), tl.reshape(mean, [BLOCK_C]), tl.reshape(var, [BLOCK_C]),
-            tl.reshape(total, [BLOCK_C]))
+    # (shapes inline: the interpreter turns a shape held in a variable into a tensor)
+    return (tl.reshape(k, [k.shape[0]]), tl.reshape(mean, [k.shape[0]]),
+            tl.reshape(var, [k.shape[0]]), tl.reshape(total, [k.shape[0]]))
 
 
 @triton.jit
 def _two_sum(a, b):
     """(a + b rounded, the exact rounding error of that sum): Knuth's TwoSum (no product,
     so no FMA contraction can change it). The statistics loop keeps the running mean
-    K + mean, and x - K, to twice the working precision with it."""
+    K + mean, and the variance with its error, to twice the working precision with it."""
     s = a + b
     b_part = s - a
     err = (a - (s - b_part)) + (b - b_part)
@@ -353,8 +354,7 @@ def _partial_stats_kernel(
         # differ by up to the data's range, and float32 merges would round at its scale.
         f64 = tl.float64
         out_k, out_mean, out_var, out_sum = _merge_lanes(
-            k.to(f64), a.to(f64), b.to(f64) + b_err.to(f64), counts.to(f64), total.to(f64),
-            BLOCK_C, BLOCK_R)
+            k.to(f64), a.to(f64), b.to(f64) + b_err.to(f64), counts.to(f64), total.to(f64))
         tl.store(part_ptr + split * C + c, out_k, mask=c_mask)
         tl.store(part_ptr + (num_splits + split) * C + c, out_mean, mask=c_mask)
         tl.store(part_ptr + (2 * num_splits + split) * C + c, out_var, mask=c_mask)

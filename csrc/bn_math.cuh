@@ -55,7 +55,8 @@ BNK_DEVICE float loop_div(float a, float b) {
 BNK_DEVICE double loop_div(double a, double b) { return a / b; }
 
 // Knuth's TwoSum: s = a + b rounded, and err, the exact a + b - s (no FMA can fuse it: it
-// has no product). The statistics loop keeps x - K and K + mean to twice the precision.
+// has no product). The statistics loop keeps K + mean, and the variance with its error,
+// to twice the precision.
 template <typename Acc> BNK_DEVICE Acc two_sum(Acc a, Acc b, Acc& err) {
   const Acc s = a + b, b_part = s - a;
   err = (a - (s - b_part)) + (b - b_part);

@@ -91,7 +91,7 @@ def _run(fn, x, bases, case, dtype, pdtype, copies=False):
     if case["mode"] == "forward_ad":
         tangents = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in wrt]
         with fwAD.dual_level():
-            duals = {k: v for k, v in leaves.items()}
+            duals = dict(leaves)
             # (torch's make_dual writes the tangent in the primal's layout: not stride 0)
             dual_x = fwAD.make_dual(x if 0 not in x.stride() else x.contiguous(), tangents[0])
             for k, t in zip([k for k in PARAMS[:2] if leaves[k] is not None], tangents[1:]):

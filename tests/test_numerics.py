@@ -21,15 +21,12 @@ pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 
 @pytest.fixture
-def many_splits(monkeypatch):
+def many_splits():
     """Tiny tiles and many programs (Triton), many blocks with few rows each (CUDA C++):
     every channel is split, so the Welford merge across programs and the masked tails are
-    exercised."""
-    monkeypatch.setattr(layout, "INTERPRETER_TILE", 64)
-    monkeypatch.setattr(layout, "GPU_TILE", 64)
-    monkeypatch.setattr(layout, "INTERPRETER_PROGRAMS", 64)
-    monkeypatch.setattr(layout, "CUDA_BLOCKS_PER_SM", 1024)
-    monkeypatch.setattr(layout, "CUDA_MIN_ROWS_PER_LANE", 1)
+    exercised (bench/precision.py measures with the same plan)."""
+    with precision.many_programs():
+        yield
 
 
 def _fwd_bwd(x, w, b, rm, rv, training=True):
