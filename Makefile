@@ -28,9 +28,10 @@ $(VENV)/.ready: setup.py requirements/cpu.txt
 	BNKERNELS_BUILD_CUDA=0 $(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# Two workers where pytest-xdist is installed (requirements/cpu.txt has it).
+# Two workers where pytest-xdist is installed (requirements/cpu.txt has it); loadgroup keeps
+# the tests that share one expensive fixture (xdist_group: the wheel build) on one worker.
 test: $(READY)
-	$(PY) -m pytest -q -p no:cacheprovider $$($(PY) -c 'import xdist' 2>/dev/null && echo '-n 2') tests
+	$(PY) -m pytest -q -p no:cacheprovider $$($(PY) -c 'import xdist' 2>/dev/null && echo '-n 2 --dist loadgroup') tests
 
 bench: $(READY)
 	$(PY) bench/main.py

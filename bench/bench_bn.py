@@ -13,7 +13,7 @@ relu(bn(x)) and relu(bn(x) + r), fused in bnkernels_*, separate ops elsewhere.
 Timing: triton.testing.do_bench (it flushes L2 before every repetition), median with the
 20th/80th percentiles; each provider gets fresh inputs, and its output is checked against
 torch before it is timed. GB/s counts 3 tensor sizes for fwd_train, 5 for bwd, 2 for
-fwd_eval and copy (../shared/BN_MATH.md's practical floor).
+fwd_eval and copy (the practical floor of docs/math.md).
 
 Rows are appended to DIR/bn.csv (DIR defaults to bench/results/<gpu>/), one line per
 (op, layout, dtype, shape, provider), with the device, versions and commit.

@@ -7,7 +7,8 @@ stages, bfloat16, NCHW. Ops: fwd_eval (inference), fwd_train, train_step (forwar
 backward). Providers:
   bnkernels_triton, bnkernels_cuda   bnkernels.batch_norm with BNKERNELS_BACKEND=triton /
                                      cuda: what a user's call costs (checks, custom op, launch)
-  launch_triton, launch_cuda         the backend's forward alone (fwd_* only): the launcher
+  launch_triton, launch_cuda         below the custom op (fwd_* only): ops.run_forward, the
+                                     shared set-up and the backend's launcher
   torch                              torch.nn.functional.batch_norm (cuDNN)
 
 Host time: time.perf_counter_ns around each call, not waiting for the GPU (median,
@@ -42,7 +43,7 @@ SYNC_EVERY = 50
 def _call(op, provider, shape, dtype, device):
     """The function to time (no arguments), or None where the provider has no such op."""
     import bnkernels
-    from bnkernels import backend
+    from bnkernels import ops
 
     c = shape[1]
     x = torch.randn(shape, device=device).to(dtype)
@@ -52,8 +53,8 @@ def _call(op, provider, shape, dtype, device):
     if provider.startswith("launch_"):
         if op == "train_step":
             return None
-        module = backend.select(x)  # under backend_for(provider): the provider's module
-        return lambda: module.forward(x, weight, bias, rm, rv, training, 1e-5)
+        # under backend_for(provider): the provider's backend
+        return lambda: ops.run_forward(x, weight, bias, rm, rv, training, 1e-5, None, None)
     fn = F.batch_norm if provider == "torch" else bnkernels.batch_norm
     if op != "train_step":
         return lambda: fn(x, rm, rv, weight, bias, training, 0.1, 1e-5)

@@ -63,17 +63,19 @@ def stat_errors(mean, var, x):
 def many_programs():
     """Tiny tiles and grids of many programs, every channel split over many of them (also
     tests/test_numerics.py's many_splits)."""
-    from bnkernels import layout
-    names = {"INTERPRETER_TILE": 64, "GPU_TILE": 64, "INTERPRETER_PROGRAMS": 64,
-             "CUDA_BLOCKS_PER_SM": 1024, "CUDA_MIN_ROWS_PER_LANE": 1}
-    before = {k: getattr(layout, k) for k in names}
-    for k, v in names.items():
-        setattr(layout, k, v)
+    from bnkernels.backends.cuda import plan as cuda_plan
+    from bnkernels.backends.triton import plan as triton_plan
+    names = {(triton_plan, "INTERPRETER_TILE"): 64, (triton_plan, "GPU_TILE"): 64,
+             (triton_plan, "INTERPRETER_PROGRAMS"): 64, (cuda_plan, "EMULATED_BLOCKS"): 64,
+             (cuda_plan, "CUDA_BLOCKS_PER_SM"): 1024, (cuda_plan, "CUDA_MIN_ROWS_PER_LANE"): 1}
+    before = {k: getattr(*k) for k in names}
+    for (module, name), v in names.items():
+        setattr(module, name, v)
     try:
         yield
     finally:
-        for k, v in before.items():
-            setattr(layout, k, v)
+        for (module, name), v in before.items():
+            setattr(module, name, v)
 
 
 def measure(backend, plan, channels_last, device):

@@ -7,7 +7,8 @@
     bnkernels.fold_conv_bn(model)                        fold eval BatchNorms into the layer before
     bnkernels.SyncBatchNorm                              statistics over a process group
 
-Backend: BNKERNELS_BACKEND = auto | triton | torch (see bnkernels/backend.py).
+Backend: BNKERNELS_BACKEND = auto | triton | cuda | torch (see bnkernels/backends/).
+The arithmetic: docs/math.md; the layers: docs/architecture.md.
 """
 from .convert import convert_batchnorm
 from .fold import FoldReport, fold_conv_bn

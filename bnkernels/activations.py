@@ -5,9 +5,11 @@
     "gelu"   z * Phi(z), the exact erf form (nn.GELU(approximate="none"))
     None     identity
 
-The Triton kernels take the code (index in ACTIVATIONS) as a constexpr; reference.py and
-the tests use the torch forms below. Backward never stores z = bn(x) (+ residual): it is
-recomputed from x, and d act/dz taken at it.
+The kernels take a code: IDENTITY, RELU, SILU, GELU below, the index in ACTIVATIONS. The
+Triton kernels read these constants; csrc/bnk_api.h spells them BNK_ACT_*, and the CUDA
+backend checks its library against them when it loads it (bnk_activation_name). The torch
+backend and the tests use the torch forms below. Backward never stores z = bn(x)
+(+ residual): it is recomputed from x, and d act/dz taken at it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Optional
 import torch
 
 ACTIVATIONS = (None, "relu", "silu", "gelu")
+IDENTITY, RELU, SILU, GELU = range(len(ACTIVATIONS))
 
 
 def check(activation: Optional[str]) -> Optional[str]:

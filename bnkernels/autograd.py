@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import activations, ops, reference
+from . import activations, ops
+from .backends import reference
 from .layout import acc_dtype
 
 
@@ -43,27 +44,28 @@ def _save(ctx, inputs, output) -> None:
     x, weight, bias, running_mean, running_var, training, eps, activation, residual = inputs
     y, mean, rstd, var = output
     ctx.mark_non_differentiable(mean, rstd, var)  # statistics for the buffers, not the loss
-    # Training: the float32 (float64) batch mean and rstd; eval: the running statistics.
-    stats = (mean, rstd) if training else (running_mean, running_var)
+    # Training: the float32 (float64) batch mean and rstd; eval: the running mean and var.
+    stats = (mean, rstd, None) if training else (running_mean, None, running_var)
     fused = activation is not None
-    aux = residual
+    output = None
     if activation == "relu" and residual is not None:
         # relu' = (y > 0): keep y, which torch's relu keeps too, not the residual, which an
         # unfused add would let go (a downsample branch's output).
-        aux = y
-    ctx.save_for_backward(x, weight, bias if fused else None, aux if fused else None, *stats)
-    ctx.training, ctx.eps, ctx.activation = training, eps, activation
+        output, residual = y, None
+    ctx.save_for_backward(x, weight, bias if fused else None, residual if fused else None,
+                          output, *stats)
+    ctx.eps, ctx.activation = eps, activation
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_y, bwd):
     """The gradients of batch_norm_fwd's inputs; bwd runs the backward op (the op itself,
     or BatchNormBackwardFunction.apply where it must be differentiable again)."""
-    x, weight, bias, aux, mean, stat = ctx.saved_tensors
+    x, weight, bias, residual, output, mean, rstd, var = ctx.saved_tensors
     need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
     need_dres = ctx.needs_input_grad[8]
     fused_dres = need_dres and ctx.activation is not None
-    dx, sum_g, sum_gx, dres = bwd(grad_y, x, weight, bias, aux, mean, stat, ctx.training,
+    dx, sum_g, sum_gx, dres = bwd(grad_y, x, weight, bias, residual, output, mean, rstd, var,
                                   ctx.eps, ctx.activation, need_dx, need_dweight or need_dbias,
                                   fused_dres)
     if need_dres and not fused_dres:
@@ -92,9 +94,9 @@ class BatchNormFunction(torch.autograd.Function):
         _save(ctx, inputs, output)
         x, weight, bias, running_mean, running_var, training, _, _, residual = inputs
         y, mean, rstd, var = output
-        # jvp: mean and a variance to normalize with, and rstd (or the running variance)
-        # for the backward op's input gradient.
-        stats = (mean, var, rstd) if training else (running_mean, running_var, running_var)
+        # jvp: mean and a variance to normalize with, and (training) rstd for the backward
+        # op's three-path input gradient.
+        stats = (mean, var, rstd) if training else (running_mean, running_var, None)
         ctx.save_for_forward(x, weight, bias, residual, y, *stats)
 
     @staticmethod
@@ -103,13 +105,13 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, t_x, t_weight, t_bias, _t_rm, _t_rv, _t_training, _t_eps, _t_act, t_res):
-        x, weight, bias, residual, y, mean, var, stat = ctx.saved_tensors
-        training, eps, activation = ctx.training, ctx.eps, ctx.activation
+        x, weight, bias, residual, y, mean, var, rstd = ctx.saved_tensors
+        eps, activation = ctx.eps, ctx.activation
         terms = []
         if t_x is not None:  # the backward op's dx with g = t_x: gamma * rstd * (...)
             terms.append(torch.ops.bnkernels.batch_norm_bwd(
-                t_x, x, weight, None, None, mean, stat, training, eps, None, True, False,
-                False)[0])
+                t_x, x, weight, None, None, None, mean, rstd, None if rstd is not None else var,
+                eps, None, True, False, False)[0])
         if t_weight is not None or t_bias is not None:  # dgamma * xhat + dbeta
             if t_weight is None:
                 t_weight = torch.zeros(x.shape[1], dtype=t_bias.dtype, device=x.device)
@@ -140,17 +142,16 @@ class BatchNormBackwardFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_y, x, weight, bias, aux, mean, stat, training, eps, activation, need_dx,
-                need_sums, need_dres):
-        return torch.ops.bnkernels.batch_norm_bwd(grad_y, x, weight, bias, aux, mean, stat,
-                                                  training, eps, activation, need_dx,
+    def forward(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps, activation,
+                need_dx, need_sums, need_dres):
+        return torch.ops.bnkernels.batch_norm_bwd(grad_y, x, weight, bias, residual, output,
+                                                  mean, rstd, var, eps, activation, need_dx,
                                                   need_sums, need_dres)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_y, x, weight, bias, aux, mean, stat, *flags = inputs
-        ctx.save_for_backward(grad_y, x, weight, bias, aux, mean, stat)
-        ctx.flags = tuple(flags)
+        ctx.save_for_backward(*inputs[:9])  # the tensors, grad_y to var
+        ctx.flags = tuple(inputs[9:])
 
     @staticmethod
     def backward(ctx, *cotangents):
@@ -160,12 +161,10 @@ class BatchNormBackwardFunction(torch.autograd.Function):
 def _double_backward(saved, flags, needs_input_grad, cotangents):
     """The vjp of reference.backward_through_stats at the saved inputs: the gradients of the
     backward op's grad_y, x, weight, bias and residual (None for the rest)."""
-    grad_y, x, weight, bias, aux, mean, stat = saved
-    training, eps, activation, need_dx, need_sums, need_dres = flags
-    tensors = [grad_y, x, weight, bias, aux]
-    # relu's aux is the output y: the mask (y > 0) has derivative 0 almost everywhere.
-    differentiable = 4 if activation == "relu" else 5
-    wrt = [i for i in range(differentiable) if tensors[i] is not None and needs_input_grad[i]]
+    grad_y, x, weight, bias, residual, output, mean, rstd, var = saved
+    tensors = [grad_y, x, weight, bias, residual]
+    # (not output: relu's mask (y > 0) has derivative 0 almost everywhere)
+    wrt = [i for i in range(len(tensors)) if tensors[i] is not None and needs_input_grad[i]]
     grads = [None] * (len(saved) + len(flags))
     if not wrt:
         return tuple(grads)
@@ -174,8 +173,7 @@ def _double_backward(saved, flags, needs_input_grad, cotangents):
         full = list(tensors)
         for i, t in zip(wrt, chosen):
             full[i] = t
-        return reference.backward_through_stats(*full, mean, stat, training, eps, activation,
-                                                need_dx, need_sums, need_dres)
+        return reference.backward_through_stats(*full, output, mean, rstd, var, *flags)
 
     _, vjp = torch.func.vjp(backward_of, *(tensors[i] for i in wrt))
     for i, g in zip(wrt, vjp(tuple(cotangents))):

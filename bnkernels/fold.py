@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convert import convert_batchnorm
+from .replace import replace_batchnorms
 from .fold_math import fold_bn_into_weights
 
 log = logging.getLogger("bnkernels.fold")
@@ -269,7 +269,7 @@ def fold_conv_bn(model: nn.Module, inplace: bool = False, return_report: bool = 
         else:
             report.left.append((bn_name, analysis.reasons.get(
                 bn_name, "not reached in a forward that could be traced")))
-    model = convert_batchnorm(model)  # what is left runs bnkernels' eval kernel
+    model = replace_batchnorms(model)  # what is left runs bnkernels' eval kernel
     for line in str(report).splitlines():
         log.info(line)
     return (model, report) if return_report else model

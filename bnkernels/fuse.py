@@ -31,7 +31,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import modules
-from .convert import convert_batchnorm, converted
+from .replace import converted, replace_batchnorms
 
 _FUSED = {nn.BatchNorm1d: modules.BatchNormAct1d, modules.BatchNorm1d: modules.BatchNormAct1d,
           nn.BatchNorm2d: modules.BatchNormAct2d, modules.BatchNorm2d: modules.BatchNormAct2d,
@@ -102,14 +102,14 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """The fused GraphModule described above (or, untraceable, convert_batchnorm(model))."""
+    """The fused GraphModule described above (or, untraceable, replace_batchnorms(model))."""
     try:
         graph = _Tracer().trace(model)
     except Exception as error:  # data-dependent control flow, untraceable ops, ...
         warnings.warn(f"convert_batchnorm(fuse=True): {type(model).__name__} does not trace "
                       f"with torch.fx ({type(error).__name__}: {error}); its BatchNorms are "
                       "converted without fusing their epilogues", stacklevel=3)
-        return convert_batchnorm(model)
+        return replace_batchnorms(model)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     registered = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -150,4 +150,4 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
         _set_submodule(gm, bn_node.target, fused_bn)
     graph.lint()
     gm.recompile()
-    return convert_batchnorm(gm)
+    return replace_batchnorms(gm)

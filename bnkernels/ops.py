@@ -1,17 +1,29 @@
-"""The two torch.library operators every bnkernels call goes through, and their autograd.
+"""The torch.library operators every bnkernels call goes through, and the set-up every
+backend shares: the one place between autograd and the backends (docs/architecture.md).
 
   bnkernels::batch_norm_fwd(x, weight?, bias?, running_mean?, running_var?, training, eps,
                             activation?, residual?)
-      -> (y, mean, rstd, var)   y = act(bn(x) + residual); batch statistics when training
-  bnkernels::batch_norm_bwd(grad_y, x, weight?, bias?, residual?, mean, stat, training, eps,
-                            activation?, need_dx, need_sums, need_dres)
-      -> (dx, sum g, sum g*xhat, dres)   (for relu with a residual, `residual` is y)
+      -> (y, mean, rstd, var)   y = act(bn(x) + residual); the batch statistics when
+                                training (empty otherwise)
+  bnkernels::batch_norm_bwd(grad_y, x, weight?, bias?, residual?, output?, mean, rstd?, var?,
+                            eps, activation?, need_dx, need_sums, need_dres)
+      -> (dx, sum g, sum g*xhat, dres)
+         mean with rstd: the forward's batch statistics (training: the three-path dx);
+         mean with var: constant statistics (eval: the running ones). residual: to recompute
+         z for silu/gelu; output: the forward's y, for relu after a residual (its mask)
+  bnkernels::batch_norm_stats(x) -> (mean, var)
+  bnkernels::batch_norm_input_grad(grad_y, x, weight?, mean, var, sum_g, sum_gx, count, eps)
+      -> dx through statistics and sums made elsewhere (SyncBatchNorm's global ones)
+
+Each op's body (run_*) does what no backend repeats (backends/contract.py lists it):
+allocates the outputs in torch's layout, answers an empty batch itself, makes the inputs
+kernel-readable, fills a call record, and hands it to backends.select(x).
 
 They are `custom_op`s with fake implementations, so torch.compile(fullgraph=True) sees one
 opaque node per pass, and batching rules (register_vmap) for torch.func. Their autograd is
 in autograd.py. Why custom_op and not triton_op: the backend is chosen per call below
-the op (Triton, plain torch, later CUDA C++), which triton_op's tracing into the kernels
-cannot express. Why the running statistics are not updated inside the op: register_autograd
+the op (Triton, CUDA C++, plain torch), which triton_op's tracing into the kernels cannot
+express. Why the running statistics are not updated inside the op: register_autograd
 accepts only functional ops, so the op returns the batch mean and variance and
 functional.py updates the buffers (a C-element device op, no host sync).
 """
@@ -22,8 +34,60 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import backend
-from .layout import acc_dtype, alloc_output
+from . import backends
+from .backends.contract import BackwardCall, BatchStats, ForwardCall, GradSums, Normalizer
+from .layout import acc_dtype, alloc_output, kernel_ready
+
+
+def _acc_vectors(x: Tensor, length: int, count: int) -> Tuple[Tensor, ...]:
+    """count per-channel results of x's accumulation dtype, each its own tensor (a custom
+    op's outputs may not alias each other); zeros for an empty batch, which no kernel
+    reduces."""
+    alloc = torch.zeros if x.numel() == 0 else torch.empty
+    return tuple(alloc(length, dtype=acc_dtype(x.dtype), device=x.device) for _ in range(count))
+
+
+def _dres_like(activation, residual, output) -> Optional[Tensor]:
+    """The tensor the residual's gradient dL/dz is shaped like, where the backward op makes
+    one: only with an activation (without one, dL/dresidual is grad_y itself)."""
+    if activation is None:
+        return None
+    return residual if residual is not None else output
+
+
+def run_forward(x, weight, bias, running_mean, running_var, training, eps, activation,
+                residual):
+    y = alloc_output(x)
+    stats = BatchStats(*_acc_vectors(x, x.shape[1] if training else 0, 3))
+    if x.numel() > 0:
+        call = ForwardCall(x=kernel_ready(x), weight=weight, bias=bias, eps=eps,
+                           activation=activation, residual=kernel_ready(residual), y=y,
+                           running=None if training else Normalizer(running_mean,
+                                                                    var=running_var),
+                           batch=stats if training else None)
+        backends.select(x).forward(call)
+    return y, stats.mean, stats.rstd, stats.var
+
+
+def run_backward(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps, activation,
+                 need_dx, need_sums, need_dres):
+    if activation is None:  # bias, residual and output only serve to recompute z
+        bias = residual = output = None
+    dres_like = _dres_like(activation, residual, output)
+    need_dres = need_dres and dres_like is not None
+    dx = alloc_output(x) if need_dx else _acc_vectors(x, 0, 1)[0]
+    dres = alloc_output(dres_like) if need_dres else _acc_vectors(x, 0, 1)[0]
+    sum_g, sum_gx = _acc_vectors(x, x.shape[1] if need_sums else 0, 2)
+    if x.numel() > 0 and (need_dx or need_dres or need_sums):
+        call = BackwardCall(
+            grad_y=kernel_ready(grad_y), x=kernel_ready(x), weight=weight, bias=bias, eps=eps,
+            activation=activation, residual=kernel_ready(residual),
+            output=kernel_ready(output), stats=Normalizer(mean, rstd=rstd, var=var),
+            through_batch_stats=rstd is not None, dx=dx if need_dx else None,
+            dres=dres if need_dres else None,
+            sums=GradSums(sum_g, sum_gx) if need_sums else None)
+        backends.select(x).backward(call)
+    return dx, sum_g, sum_gx, dres
 
 
 @torch.library.custom_op("bnkernels::batch_norm_fwd", mutates_args=())
@@ -31,8 +95,8 @@ def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    training: bool, eps: float, activation: Optional[str],
                    residual: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backend.select(x).forward(x, weight, bias, running_mean, running_var, training, eps,
-                                     activation, residual)
+    return run_forward(x, weight, bias, running_mean, running_var, training, eps, activation,
+                       residual)
 
 
 @batch_norm_fwd.register_fake
@@ -44,20 +108,23 @@ def _(x, weight, bias, running_mean, running_var, training, eps, activation, res
 
 @torch.library.custom_op("bnkernels::batch_norm_bwd", mutates_args=())
 def batch_norm_bwd(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   residual: Optional[Tensor], mean: Tensor, stat: Tensor, training: bool,
-                   eps: float, activation: Optional[str], need_dx: bool, need_sums: bool,
+                   residual: Optional[Tensor], output: Optional[Tensor], mean: Tensor,
+                   rstd: Optional[Tensor], var: Optional[Tensor], eps: float,
+                   activation: Optional[str], need_dx: bool, need_sums: bool,
                    need_dres: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backend.select(x).backward(grad_y, x, weight, bias, residual, mean, stat, training,
-                                      eps, activation, need_dx, need_sums, need_dres)
+    return run_backward(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps,
+                        activation, need_dx, need_sums, need_dres)
 
 
 @batch_norm_bwd.register_fake
-def _(grad_y, x, weight, bias, residual, mean, stat, training, eps, activation, need_dx,
+def _(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps, activation, need_dx,
       need_sums, need_dres):
     acc = acc_dtype(x.dtype)
+    dres_like = _dres_like(activation, residual, output)
     dx = alloc_output(x) if need_dx else x.new_empty(0, dtype=acc)
     n = x.shape[1] if need_sums else 0
-    dres = alloc_output(residual) if need_dres else x.new_empty(0, dtype=acc)
+    dres = alloc_output(dres_like) if need_dres and dres_like is not None else \
+        x.new_empty(0, dtype=acc)
     return dx, x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc), dres
 
 
@@ -102,14 +169,15 @@ def _(info, in_dims, x, weight, bias, running_mean, running_var, training, eps, 
 
 
 @torch.library.register_vmap("bnkernels::batch_norm_bwd")
-def _(info, in_dims, grad_y, x, weight, bias, residual, mean, stat, training, eps, activation,
-      need_dx, need_sums, need_dres):
-    args = (grad_y, x, weight, bias, residual, mean, stat, training, eps, activation,
+def _(info, in_dims, grad_y, x, weight, bias, residual, output, mean, rstd, var, eps,
+      activation, need_dx, need_sums, need_dres):
+    args = (grad_y, x, weight, bias, residual, output, mean, rstd, var, eps, activation,
             need_dx, need_sums, need_dres)
-    if training or need_sums or any(d is not None for d in in_dims[2:4] + in_dims[5:7]):
+    if rstd is not None or need_sums or any(d is not None for d in in_dims[2:4] + in_dims[6:9]):
         return _vmap_per_sample(batch_norm_bwd, info, in_dims, args)
-    return _vmap_folded(batch_norm_bwd, info, in_dims, args, folded=(0, 1, 4),
-                        unfold=(0, 3) if need_dres and residual is not None else (0,))
+    makes_dres = need_dres and _dres_like(activation, residual, output) is not None
+    return _vmap_folded(batch_norm_bwd, info, in_dims, args, folded=(0, 1, 4, 5),
+                        unfold=(0, 3) if makes_dres else (0,))
 
 
 # The pieces SyncBatchNorm composes around its collectives (no autograd of their own: its
@@ -117,8 +185,13 @@ def _(info, in_dims, grad_y, x, weight, bias, residual, mean, stat, training, ep
 
 @torch.library.custom_op("bnkernels::batch_norm_stats", mutates_args=())
 def batch_norm_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """(mean, biased var) per channel, in the accumulation dtype."""
-    return backend.select(x).batch_stats(x)
+    """(mean, biased var) per channel, in the accumulation dtype (zeros for an empty x)."""
+    mean, rstd, var = _acc_vectors(x, x.shape[1], 3)
+    if x.numel() > 0:  # eps: any positive value; the rstd it gives goes unused
+        call = ForwardCall(x=kernel_ready(x), weight=None, bias=None, eps=1.0, activation=None,
+                           residual=None, y=None, batch=BatchStats(mean, rstd, var))
+        backends.select(x).forward(call)
+    return mean, var
 
 
 @batch_norm_stats.register_fake
@@ -129,11 +202,22 @@ def _(x):
 
 @torch.library.custom_op("bnkernels::batch_norm_input_grad", mutates_args=())
 def batch_norm_input_grad(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
-                          var: Tensor, mean_g: Tensor, mean_gx: Tensor, eps: float) -> Tensor:
-    """dx = gamma*rstd*(g - mean_g - xhat*mean_gx), rstd = 1/sqrt(var + eps)."""
-    return backend.select(x).input_grad(grad_y, x, weight, mean, var, mean_g, mean_gx, eps)
+                          var: Tensor, sum_g: Tensor, sum_gx: Tensor, count: Tensor,
+                          eps: float) -> Tensor:
+    """dx = gamma*rstd*(g - sum_g/count - xhat*sum_gx/count), rstd = 1/sqrt(var + eps): the
+    three-path input gradient through statistics and sums over count values made elsewhere
+    (count: (C,), in the accumulation dtype)."""
+    dx = alloc_output(x)
+    if x.numel() > 0:
+        call = BackwardCall(
+            grad_y=kernel_ready(grad_y), x=kernel_ready(x), weight=weight, bias=None, eps=eps,
+            activation=None, residual=None, output=None, stats=Normalizer(mean, var=var),
+            through_batch_stats=True, dx=dx, given_sums=GradSums(sum_g, sum_gx),
+            given_count=count)
+        backends.select(x).backward(call)
+    return dx
 
 
 @batch_norm_input_grad.register_fake
-def _(grad_y, x, weight, mean, var, mean_g, mean_gx, eps):
+def _(grad_y, x, weight, mean, var, sum_g, sum_gx, count, eps):
     return alloc_output(x)

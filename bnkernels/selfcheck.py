@@ -70,15 +70,15 @@ def main() -> int:
     if device == "cpu":  # both backends' kernels on CPU tensors
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ.setdefault("BNKERNELS_CUDA_EMULATE", "1")
-    from bnkernels import cuda_library
-    from bnkernels.triton_batch_norm import launch_counts
+    from bnkernels import backends
+    from bnkernels.backends.cuda import library as cuda_library
 
     print(f"bnkernels self-check on {device} (torch {torch.__version__}); "
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
           f"BNKERNELS_CUDA_EMULATE={os.environ.get('BNKERNELS_CUDA_EMULATE', '0')}")
     print("\nbackend triton (Triton kernels)")
     failed = _check("triton", device)
-    print(f"Triton kernel launches: {dict(launch_counts)}")
+    print(f"Triton kernel launches: {backends.get('triton').launch_counts()}")
     print("\nbackend cuda (csrc/'s CUDA C++ kernels)")
     try:
         cuda_library.library(torch.device(device))
@@ -86,7 +86,7 @@ def main() -> int:
         print(f"skipped: {error}")
     else:
         failed += _check("cuda", device)
-        print(f"CUDA C++ kernel launches: {cuda_library.launch_counts()}")
+        print(f"CUDA C++ kernel launches: {backends.get('cuda').launch_counts()}")
     if device == "cpu":
         print("\nNo CUDA GPU here: correctness only. Timings against cuDNN need a GPU "
               "(make bench on a CUDA machine runs bench/bench_bn.py).")

@@ -2,10 +2,11 @@
 
 Forward: each rank's kernels produce its per-channel partial (count, mean, M2); one
 all_gather (3*C values per rank) brings every rank all of them, and every rank merges them
-in rank order with Chan's formula (../shared/BN_MATH.md), exactly and identically — no
+in rank order with Chan's formula (docs/math.md), exactly and identically — no
 variance rebuilt from invstd. Then the eval-mode kernel normalizes with the global mean and
 variance. Backward: the kernels' per-channel sums (sum g, sum g*xhat) over the local batch,
-one all_reduce of those 2*C values, then the input gradient with the global count.
+one all_reduce of those 2*C values, then the input gradient from the global sums over the
+global count.
 The weight and bias gradients are the local sums, as in torch.nn.SyncBatchNorm: DDP
 all-reduces parameter gradients itself.
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convert import converted
+from .replace import converted
 from .functional import check_batch_norm_args, check_momentum, update_running_stats
 from .layout import ncs_shape
 from .modules import _BatchNormForward
@@ -66,13 +67,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, mean, var, count = ctx.saved_tensors
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         _, sum_g, sum_gx, _ = torch.ops.bnkernels.batch_norm_bwd(
-            grad_y, x, weight, None, None, mean, var, False, ctx.eps, None, False, True, False)
+            grad_y, x, weight, None, None, None, mean, None, var, ctx.eps, None, False, True,
+            False)
         dx = None
         if need_dx:
             sums = torch.stack([sum_g, sum_gx])
             dist.all_reduce(sums, group=ctx.group)
             dx = torch.ops.bnkernels.batch_norm_input_grad(
-                grad_y, x, weight, mean, var, sums[0] / count, sums[1] / count, ctx.eps)
+                grad_y, x, weight, mean, var, sums[0], sums[1], count, ctx.eps)
         return (dx, sum_gx.to(weight.dtype) if need_dweight else None,
                 sum_g.to(ctx.bias_dtype) if need_dbias else None,
                 None, None, None, None, None, None, None)

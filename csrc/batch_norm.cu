@@ -1,11 +1,12 @@
 // libbnkernels_cuda: the launchers behind bnk_api.h.
 //
-//   forward  training, splits == 1: stats_kernel alone (statistics, then normalize);
-//            training, splits > 1: stats_kernel (partials), merge_kernel, normalize_kernel;
-//            eval: normalize_kernel with the running statistics.
-//   backward with sums (stats_out): grad_sums_kernel alone (splits == 1), or
-//            grad_sums_kernel, merge_kernel, input_grad_kernel; without: input_grad_kernel
-//            alone (running statistics, or sums given by SyncBatchNorm).
+// The passes (docs/math.md): reduce, merge, apply; "fused" is reduce and apply in one launch.
+//   forward  training, splits == 1: reduce_stats_kernel alone (statistics, then normalize);
+//            training, splits > 1: reduce_stats_kernel (partials), merge_kernel,
+//            apply_normalize_kernel; eval: apply_normalize_kernel with the running statistics.
+//   backward with sums (stats_out): reduce_grads_kernel alone (splits == 1), or
+//            reduce_grads_kernel, merge_kernel, apply_input_grad_kernel; without:
+//            apply_input_grad_kernel alone (running statistics, or SyncBatchNorm's sums).
 //
 // Launches go on the stream in the call (torch's current stream) and never synchronise
 // the host. Built by bnkernels/cuda_build.py: nvcc for the GPU, or g++ -DBNK_EMULATE for
@@ -38,12 +39,12 @@ dim3 merge_grid_of(const BnkCall& k) {
 
 template <typename T> int launch_normalize(const BnkCall& k) {
   ++launches[LAUNCH_APPLY];
-  return BNK_LAUNCH(normalize_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
+  return BNK_LAUNCH(apply_normalize_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
 }
 
 template <typename T> int launch_input_grad(const BnkCall& k) {
   ++launches[LAUNCH_APPLY];
-  return BNK_LAUNCH(input_grad_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
+  return BNK_LAUNCH(apply_input_grad_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
 }
 
 template <typename T> int launch_merge(const BnkCall& k, int backward) {
@@ -55,22 +56,22 @@ template <typename T> int launch_merge(const BnkCall& k, int backward) {
 template <typename T> int run_forward(const BnkCall& k) {
   if (!k.training) return launch_normalize<T>(k);
   ++launches[k.splits == 1 ? LAUNCH_FUSED : LAUNCH_REDUCE];
-  int err = BNK_LAUNCH(stats_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
+  int err = BNK_LAUNCH(reduce_stats_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
   if (err || k.splits == 1) return err;
   if ((err = launch_merge<T>(k, 0))) return err;
   if (!k.out.ptr) return 0;
   BnkCall a = k;  // normalize with the merged statistics
   a.mean = k.stats_out[0];
-  a.stat = k.stats_out[1];
+  a.rstd_or_var = k.stats_out[1];
   a.stat_dtype = acc_code<T>();
-  a.from_running = 0;
+  a.given_var = 0;
   return launch_normalize<T>(a);
 }
 
 template <typename T> int run_backward(const BnkCall& k) {
   if (!k.stats_out[0]) return launch_input_grad<T>(k);
   ++launches[k.splits == 1 ? LAUNCH_FUSED : LAUNCH_REDUCE];
-  int err = BNK_LAUNCH(grad_sums_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
+  int err = BNK_LAUNCH(reduce_grads_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
   if (err || k.splits == 1) return err;
   if ((err = launch_merge<T>(k, 1))) return err;
   if (!k.out.ptr && !k.dres.ptr) return 0;
@@ -102,7 +103,7 @@ bool valid(const BnkCall& k, bool forward) {
   if (k.splits < 1 || k.splits > 65535 || k.rows_per_split < 1 ||
       k.rows_per_split * k.splits < k.n * k.s || (k.splits > 1 && !k.workspace))
     return false;
-  if (!k.mean != !k.stat) return false;
+  if (!k.mean != !k.rstd_or_var) return false;
   if (forward) {
     if (k.training) return k.stats_out[0] && k.stats_out[1] && k.stats_out[2];
     return k.mean && k.out.ptr;
@@ -164,18 +165,29 @@ const char* bnk_error_string(int code) {
   }
 }
 
+const char* bnk_activation_name(int code) {
+  switch (code) {
+    case BNK_ACT_IDENTITY: return "identity";
+    case BNK_ACT_RELU: return "relu";
+    case BNK_ACT_SILU: return "silu";
+    case BNK_ACT_GELU: return "gelu";
+    default: return nullptr;
+  }
+}
+
 int bnk_call_offsets(int64_t* out, int capacity) {
 #define BNK_FIELD(name) offsetof(BnkCall, name)
   const int64_t fields[] = {
       sizeof(BnkCall),           BNK_FIELD(n),           BNK_FIELD(c),
       BNK_FIELD(s),              BNK_FIELD(x),           BNK_FIELD(g),
-      BNK_FIELD(res),            BNK_FIELD(out),         BNK_FIELD(dres),
-      BNK_FIELD(weight),         BNK_FIELD(bias),        BNK_FIELD(mean),
-      BNK_FIELD(stat),           BNK_FIELD(sum_g),       BNK_FIELD(sum_gx),
-      BNK_FIELD(stats_out),      BNK_FIELD(workspace),   BNK_FIELD(eps),
-      BNK_FIELD(sum_count),      BNK_FIELD(dtype),       BNK_FIELD(weight_dtype),
-      BNK_FIELD(bias_dtype),     BNK_FIELD(stat_dtype),  BNK_FIELD(activation),
-      BNK_FIELD(training),       BNK_FIELD(from_running), BNK_FIELD(channels_fast),
+      BNK_FIELD(res),            BNK_FIELD(y),           BNK_FIELD(out),
+      BNK_FIELD(dres),           BNK_FIELD(weight),      BNK_FIELD(bias),
+      BNK_FIELD(mean),           BNK_FIELD(rstd_or_var), BNK_FIELD(sum_g),
+      BNK_FIELD(sum_gx),         BNK_FIELD(channel_count), BNK_FIELD(stats_out),
+      BNK_FIELD(workspace),      BNK_FIELD(eps),         BNK_FIELD(count),
+      BNK_FIELD(dtype),          BNK_FIELD(weight_dtype), BNK_FIELD(bias_dtype),
+      BNK_FIELD(stat_dtype),     BNK_FIELD(activation),  BNK_FIELD(training),
+      BNK_FIELD(given_var),      BNK_FIELD(channels_fast),
       BNK_FIELD(threads),        BNK_FIELD(block_c),     BNK_FIELD(splits),
       BNK_FIELD(device),         BNK_FIELD(rows_per_split), BNK_FIELD(stream),
   };

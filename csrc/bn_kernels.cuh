@@ -5,15 +5,17 @@
 // [row0, row_end)); each thread one channel lane and one row lane of `lanes`, visiting
 // every lanes-th row. Grid: (channel blocks, splits).
 //
-//   stats_kernel      forward: one-pass Welford (mean, var) per thread around the thread's
+// The passes are docs/math.md's, named as in the Triton backend: reduce, merge, apply.
+//
+//   reduce_stats_kernel  forward: one-pass Welford (mean, var) per thread around the thread's
 //                     own first value, folded over the block's row lanes (Chan et al.). splits > 1: partials
 //                     to the workspace; splits == 1: the final mean/rstd/var, then the
 //                     block normalizes its own rows (one launch per forward).
-//   grad_sums_kernel  backward: sum g and sum g*xhat, g = dL/dz through the fused
+//   reduce_grads_kernel  backward: sum g and sum g*xhat, g = dL/dz through the fused
 //                     activation; partials, or (splits == 1) the sums then the input gradient.
-//   merge_kernel      one thread per channel folds the splits in split order.
-//   normalize_kernel  the elementwise forward: y = act((x - mean) * gamma * rstd + beta (+ res)).
-//   input_grad_kernel the elementwise backward: dres = dL/dz, and dx =
+//   merge_kernel         one thread per channel folds the splits in split order.
+//   apply_normalize_kernel   the elementwise forward: y = act((x - mean) * gamma * rstd + beta (+ res)).
+//   apply_input_grad_kernel  the elementwise backward: dres = dL/dz, and dx =
 //                     gamma * rstd * (g - mean(g) - xhat * mean(g * xhat)) with batch
 //                     statistics, gamma * rstd * g with running ones.
 //
@@ -71,11 +73,16 @@ template <typename Acc> BNK_DEVICE Channel<Acc> channel(const BnkCall& k, int64_
   return p;
 }
 
-// From the statistics given: the saved mean and rstd, or the running mean and var.
+// From the statistics given: a mean and rstd, or (given_var) a mean and a variance.
 template <typename Acc> BNK_DEVICE Channel<Acc> given_channel(const BnkCall& k, int64_t c) {
   const Acc mean = load_channel<Acc>(k.mean, k.stat_dtype, c);
-  const Acc stat = load_channel<Acc>(k.stat, k.stat_dtype, c);
-  return channel<Acc>(k, c, mean, k.from_running ? inv_std(stat, k.eps) : stat);
+  const Acc spread = load_channel<Acc>(k.rstd_or_var, k.stat_dtype, c);
+  return channel<Acc>(k, c, mean, k.given_var ? inv_std(spread, k.eps) : spread);
+}
+
+// The values each sum of the three-path dx is over: the call's count, or per channel.
+template <typename Acc> BNK_DEVICE Acc count_of(const BnkCall& k, int64_t c) {
+  return k.channel_count ? static_cast<const Acc*>(k.channel_count)[c] : static_cast<Acc>(k.count);
 }
 
 // z = (x - mean) * scale + shift (+ residual): (x - mean) first, since for |mean| >> std
@@ -89,12 +96,12 @@ BNK_DEVICE Acc pre_activation(const BnkCall& k, const Channel<Acc>& p, Acc x, co
 }
 
 // dL/dz from g = dL/dy. relu after a residual add reads its mask from the saved output y
-// (in k.res), which torch's relu keeps too; otherwise z is recomputed from x.
+// (k.y), which torch's relu keeps too; otherwise z is recomputed from x.
 template <typename T, typename Acc>
 BNK_DEVICE Acc epilogue_grad(const BnkCall& k, const Channel<Acc>& p, Acc g, Acc x,
                              const RowWalk& w, int64_t c) {
-  if (k.activation == 0) return g;
-  if (k.activation == 1 && k.res.ptr) return load_at<T>(k.res, w.offset(k.res, c)) > Acc(0) ? g : Acc(0);
+  if (k.activation == BNK_ACT_IDENTITY) return g;
+  if (k.activation == BNK_ACT_RELU && k.y.ptr) return load_at<T>(k.y, w.offset(k.y, c)) > Acc(0) ? g : Acc(0);
   return activation_grad(g, pre_activation<T>(k, p, x, w, c, k.res.ptr != nullptr), k.activation);
 }
 
@@ -186,7 +193,7 @@ template <typename Acc> BNK_DEVICE void store_moments(const BnkCall& k, const La
   for (int i = 0; i < 4; ++i) part[(i * k.splits + blockIdx.y) * k.c + l.c] = static_cast<Acc>(fields[i]);
 }
 
-template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS stats_kernel(BnkCall k) {
+template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS reduce_stats_kernel(BnkCall k) {
   typedef typename AccOf<T>::type Acc;
   BNK_SHARED Moments s_moments[BNK_MAX_THREADS];
   const Lane l = lane_of(k);
@@ -230,7 +237,7 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS stats_kernel(BnkCall k) 
   if (k.out.ptr) normalize_rows<T>(k, l, channel<Acc>(k, l.c, channel_mean, rstd));
 }
 
-template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS grad_sums_kernel(BnkCall k) {
+template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS reduce_grads_kernel(BnkCall k) {
   typedef typename AccOf<T>::type Acc;
   BNK_SHARED Acc s_g[BNK_MAX_THREADS], s_gx[BNK_MAX_THREADS], s_unused[BNK_MAX_THREADS];
   const Lane l = lane_of(k);
@@ -250,7 +257,7 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS grad_sums_kernel(BnkCall
     store_stat(k.stats_out[1], l.c, sum_gx);
   }
   if (k.out.ptr || k.dres.ptr) {
-    const Acc count = static_cast<Acc>(k.sum_count);
+    const Acc count = count_of<Acc>(k, l.c);
     input_grad_rows<T>(k, l, p, sum_g / count, sum_gx / count);
   }
 }
@@ -287,19 +294,19 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS merge_kernel(BnkCall k, 
   store_stat(k.stats_out[2], c, var);
 }
 
-template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS normalize_kernel(BnkCall k) {
+template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS apply_normalize_kernel(BnkCall k) {
   typedef typename AccOf<T>::type Acc;
   const Lane l = lane_of(k);
   if (l.active) normalize_rows<T>(k, l, given_channel<Acc>(k, l.c));
 }
 
-template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS input_grad_kernel(BnkCall k) {
+template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS apply_input_grad_kernel(BnkCall k) {
   typedef typename AccOf<T>::type Acc;
   const Lane l = lane_of(k);
   if (!l.active) return;
   Acc mean_g = 0, mean_gx = 0;
-  if (k.training) {  // the sums of grad_sums_kernel, or given (already divided) means
-    const Acc count = static_cast<Acc>(k.sum_count);
+  if (k.training) {  // the sums of reduce_grads_kernel, or given (SyncBatchNorm's)
+    const Acc count = count_of<Acc>(k, l.c);
     mean_g = static_cast<const Acc*>(k.sum_g)[l.c] / count;
     mean_gx = static_cast<const Acc*>(k.sum_gx)[l.c] / count;
   }

@@ -1,7 +1,7 @@
 // Element types, the accumulation type, and the per-element math shared by the kernels:
 // loads and stores, the Welford merge, the activations and their derivatives, and the
-// walk over a channel's rows. The formulas are ../shared/BN_MATH.md's; the Triton kernels
-// (bnkernels/triton_batch_norm.py) compute the same ones in the same order.
+// walk over a channel's rows. The formulas are docs/math.md's; the Triton kernels
+// (bnkernels/backends/triton/kernels.py) compute the same ones in the same order.
 #pragma once
 #include "bnk_api.h"
 #include "portable.cuh"
@@ -106,12 +106,12 @@ BNK_DEVICE double moments_mean(const Moments& m) {
   return fabs(shifted) < INFINITY ? shifted : m.sum / m.n;
 }
 
-// act(z): 0 identity, 1 relu, 2 silu, 3 gelu (erf). relu keeps NaN, as torch.relu.
+// act(z) for the BNK_ACT_* codes (gelu: the erf form). relu keeps NaN, as torch.relu.
 template <typename Acc> BNK_DEVICE Acc activate(Acc z, int activation) {
   switch (activation) {
-    case 1: return z < Acc(0) ? Acc(0) : z;
-    case 2: return z * loop_div(Acc(1), Acc(1) + bnk_exp(-z));
-    case 3: return Acc(0.5) * z * (Acc(1) + bnk_erf(z * Acc(0.7071067811865476)));
+    case BNK_ACT_RELU: return z < Acc(0) ? Acc(0) : z;
+    case BNK_ACT_SILU: return z * loop_div(Acc(1), Acc(1) + bnk_exp(-z));
+    case BNK_ACT_GELU: return Acc(0.5) * z * (Acc(1) + bnk_erf(z * Acc(0.7071067811865476)));
     default: return z;
   }
 }
@@ -119,12 +119,12 @@ template <typename Acc> BNK_DEVICE Acc activate(Acc z, int activation) {
 // dL/dz = g * act'(z) (relu: torch's rule, g where z > 0).
 template <typename Acc> BNK_DEVICE Acc activation_grad(Acc g, Acc z, int activation) {
   switch (activation) {
-    case 1: return z > Acc(0) ? g : Acc(0);
-    case 2: {
+    case BNK_ACT_RELU: return z > Acc(0) ? g : Acc(0);
+    case BNK_ACT_SILU: {
       const Acc s = loop_div(Acc(1), Acc(1) + bnk_exp(-z));
       return g * (s * (Acc(1) + z * (Acc(1) - s)));
     }
-    case 3: {
+    case BNK_ACT_GELU: {
       const Acc cdf = Acc(0.5) * (Acc(1) + bnk_erf(z * Acc(0.7071067811865476)));
       const Acc pdf = bnk_exp(Acc(-0.5) * z * z) * Acc(0.3989422804014327);  // 1/sqrt(2 pi)
       return g * (cdf + z * pdf);

@@ -12,6 +12,10 @@ extern "C" {
 // Element types (BnkCall.dtype, and the dtype of each per-channel vector).
 enum { BNK_F32 = 0, BNK_F16 = 1, BNK_BF16 = 2, BNK_F64 = 3 };
 
+// Fused activations (BnkCall.activation): bnkernels/activations.py's codes, checked against
+// bnk_activation_name when the library loads.
+enum { BNK_ACT_IDENTITY = 0, BNK_ACT_RELU = 1, BNK_ACT_SILU = 2, BNK_ACT_GELU = 3 };
+
 // A tensor of shape (N, C, *spatial) read as (N, C, S) through three strides, in elements.
 typedef struct {
   void* ptr;  // NULL: the call has no such tensor
@@ -20,26 +24,28 @@ typedef struct {
 
 typedef struct {
   int64_t n, c, s;
-  // Element tensors, all of type `dtype`. g: dL/dy. res: the residual (forward, and
-  // backward for silu/gelu), or the saved output y (backward for relu: relu' = y > 0).
-  // out: y forward, dx backward. dres: the residual's gradient dL/dz (backward).
-  BnkTensor x, g, res, out, dres;
+  // Element tensors, all of type `dtype`. g: dL/dy. res: the residual, added to bn(x)
+  // before the activation (forward; backward recomputes z with it). y: the saved output
+  // (backward, relu after a residual: relu' = y > 0). out: y forward, dx backward.
+  // dres: the residual's gradient dL/dz (backward).
+  BnkTensor x, g, res, y, out, dres;
   const void* weight;  // (C,) of weight_dtype, or NULL (gamma = 1)
   const void* bias;    // (C,) of bias_dtype, or NULL (beta = 0)
   const void* mean;    // (C,) of stat_dtype: the saved batch mean, or the running mean
-  const void* stat;    // (C,) of stat_dtype: the saved rstd, or the running var (from_running)
-  const void* sum_g;   // (C,) acc: given mean(g), mean(g * xhat) for the three-path dx
-  const void* sum_gx;  //   (input_grad), already divided: sum_count = 1
+  const void* rstd_or_var;  // (C,) of stat_dtype: rstd, or (given_var) a variance
+  const void* sum_g;   // (C,) acc: given sums of g and g * xhat, over the count below,
+  const void* sum_gx;  //   for the three-path dx (SyncBatchNorm's global sums)
+  const void* channel_count;  // (C,) acc: the values each given sum is over, or NULL: count
   // (C,) acc outputs; NULL: not wanted. Forward training: mean, rstd, biased var.
   // Backward: sum g, sum g*xhat (their presence asks for the reduction).
   void* stats_out[3];
   void* workspace;  // acc, 4 * splits * C (forward; backward uses 2); used when splits > 1
   double eps;
-  double sum_count;  // the divisor of the sums in the three-path dx (m = N*S)
+  double count;  // the values each sum of the three-path dx is over (m = N*S)
   int32_t dtype, weight_dtype, bias_dtype, stat_dtype;
   int32_t activation;     // 0 identity, 1 relu, 2 silu, 3 gelu (erf)
   int32_t training;       // forward: batch statistics; backward: the three-path dx
-  int32_t from_running;   // stat is a variance: rstd = 1 / sqrt(stat + eps)
+  int32_t given_var;      // rstd_or_var is a variance: rstd = 1 / sqrt(var + eps)
   int32_t channels_fast;  // neighbouring threads take neighbouring channels (channels_last)
   int32_t threads;        // per block, a power of two <= BNK_MAX_THREADS
   int32_t block_c;        // channels per block, a power of two dividing threads
@@ -57,9 +63,11 @@ int bnk_forward(const BnkCall* call);
 // dx (out), dres, and with stats_out the sums; see bnkernels/cuda_batch_norm.py.
 int bnk_backward(const BnkCall* call);
 const char* bnk_error_string(int code);
+// The name of an activation code ("identity", "relu", ...), NULL for an unknown one.
+const char* bnk_activation_name(int code);
 // sizeof(BnkCall), then each field's offset in declaration order; returns the count.
 int bnk_call_offsets(int64_t* out, int capacity);
-// Launches so far, per kernel: reduce, merge, apply, fused (reduce then apply).
+// Launches so far, per pass: reduce, merge, apply, fused (reduce then apply, one launch).
 void bnk_launch_counts(int64_t out[4]);
 
 #ifdef __cplusplus

@@ -65,7 +65,7 @@ def device(request):
 @functools.lru_cache(maxsize=None)
 def cuda_toolkit_missing() -> bool:
     """No toolkit to build csrc/ with: nvcc on a GPU machine, the CUDA headers on CPU."""
-    from bnkernels import cuda_build
+    from bnkernels.backends.cuda import build as cuda_build
     if torch.cuda.is_available():
         return cuda_build.find_nvcc() is None
     return cuda_build.cuda_include_dir() is None

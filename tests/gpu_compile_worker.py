@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bnkernels import triton_batch_norm
+from bnkernels.backends.triton import kernels as triton_kernels
 
 _DTYPES = {str(d): d for d in (tl.float32, tl.float64)}
 
@@ -42,7 +42,7 @@ def main() -> None:
     arch = int(sys.argv[1])
     results = []
     for variant in json.load(sys.stdin):
-        kernel = getattr(triton_batch_norm, variant["kernel"])
+        kernel = getattr(triton_kernels, variant["kernel"])
         constexprs = {k: _DTYPES.get(v, v) if isinstance(v, str) else v
                       for k, v in variant["constexprs"].items()}
         source = ASTSource(fn=kernel, signature=variant["signature"], constexprs=constexprs)

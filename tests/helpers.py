@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import bnkernels
-from bnkernels import cuda_library, reference
-from bnkernels.triton_batch_norm import launch_counts
+from bnkernels import backends
+from bnkernels.backends import reference
 
 # (atol, rtol) against the float64 reference, per input dtype. The outputs are O(1)
 # normalized values; gradients are compared on their own scale (assert_close_scaled).
@@ -135,7 +135,12 @@ def _forbidden(*args, **kwargs):
 
 def kernel_launches() -> int:
     """Launches so far of bnkernels' kernels: Triton's and csrc/'s (CUDA or emulated)."""
-    return sum(launch_counts.values()) + sum(cuda_library.launch_counts().values())
+    return sum(launches("triton").values()) + sum(launches("cuda").values())
+
+
+def launches(backend: str) -> dict:
+    """Launches so far of one backend's kernels, by pass (reduce, merge, apply, fused)."""
+    return backends.get(backend).launch_counts()
 
 
 @contextlib.contextmanager

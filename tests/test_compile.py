@@ -68,10 +68,10 @@ def test_opcheck(training, affine, device):
         args = (x, w, b, rm, rv, training, 1e-5, None, None)
         opcheck(torch.ops.bnkernels.batch_norm_fwd.default, args)
         y, mean, rstd, _ = torch.ops.bnkernels.batch_norm_fwd(*args)
-        stats = (mean, rstd) if training else (rm, rv)
+        stats = (mean, rstd, None) if training else (rm, None, rv)
         # Inputs without grad: the backward op has no derivative of its own (no double
         # backward), which opcheck would otherwise try.
         w = None if w is None else w.detach()
         opcheck(torch.ops.bnkernels.batch_norm_bwd.default,
-                (torch.randn_like(y), x.detach(), w, None, None, *stats, training, 1e-5, None,
+                (torch.randn_like(y), x.detach(), w, None, None, None, *stats, 1e-5, None,
                  True, True, False))

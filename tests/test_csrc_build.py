@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from bnkernels import cuda_build
+from bnkernels.backends.cuda import build as cuda_build
 
 NVCC = cuda_build.find_nvcc()
 UNITS = cuda_build.translation_units()
@@ -29,8 +29,8 @@ def test_nvcc_compiles_without_warnings_or_spills(unit, arch, tmp_path):
     report = done.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", report)
     assert kernels and {a for _, a in kernels} == {arch}
-    for name in ("stats_kernel", "grad_sums_kernel", "merge_kernel", "normalize_kernel",
-                 "input_grad_kernel"):  # each in 4 dtypes
+    for name in ("reduce_stats_kernel", "reduce_grads_kernel", "merge_kernel",
+                 "apply_normalize_kernel", "apply_input_grad_kernel"):  # each in 4 dtypes
         assert sum(name in k for k, _ in kernels) == 4, name
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == len(kernels) and all(s == ("0", "0") for s in spills), report

@@ -1,5 +1,5 @@
 """The CUDA C++ backend's own behaviour. Its parity with torch and float64 runs in the shared
-suites (test_batch_norm, test_numerics, test_fused, test_sync_batch_norm: the
+suites (test_batch_norm, test_numerics, test_fused_epilogue, test_sync_batch_norm: the
 kernel_backend fixture); here: which kernels each path launches, the split path against the
 one-block path, the GPU's block size, determinism, the ABI check, the auto rule, and the
 errors. On CPU the kernels run through the emulation build (BNKERNELS_CUDA_EMULATE=1)."""
@@ -7,13 +7,17 @@ import collections
 import ctypes
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import bnkernels
-from bnkernels import backend, cuda_build, cuda_library, layout
+from bnkernels import backends
+from bnkernels.backends.cuda import build as cuda_build
+from bnkernels.backends.cuda import library as cuda_library
+from bnkernels.backends.cuda import plan as cuda_plan
 from conftest import cuda_toolkit_missing
 from helpers import (TOL, assert_close_scaled, float64_reference, kernels_only, make_input,
                      random_params)
@@ -30,15 +34,15 @@ def cuda_backend(monkeypatch):
 def many_splits(monkeypatch):
     """Every channel's rows split over several blocks: partials, merge, then the
     elementwise kernel (a GPU does this for few channels over many rows)."""
-    monkeypatch.setattr(layout, "INTERPRETER_PROGRAMS", 64)
-    monkeypatch.setattr(layout, "CUDA_BLOCKS_PER_SM", 1024)
-    monkeypatch.setattr(layout, "CUDA_MIN_ROWS_PER_LANE", 1)
+    monkeypatch.setattr(cuda_plan, "EMULATED_BLOCKS", 64)
+    monkeypatch.setattr(cuda_plan, "CUDA_BLOCKS_PER_SM", 1024)
+    monkeypatch.setattr(cuda_plan, "CUDA_MIN_ROWS_PER_LANE", 1)
 
 
 @pytest.fixture
 def one_block(monkeypatch):
     """Every channel's rows in one block: statistics then the elementwise pass, one kernel."""
-    monkeypatch.setattr(layout, "CUDA_MIN_ROWS_PER_LANE", 2**40)
+    monkeypatch.setattr(cuda_plan, "CUDA_MIN_ROWS_PER_LANE", 2**40)
 
 
 def _counts():
@@ -64,7 +68,7 @@ def _train_step(x, params, activation=None, residual=None, training=True):
 def test_each_path_launches_its_kernels(split, training, device, request):
     request.getfixturevalue("many_splits" if split else "one_block")
     x = make_input((4, 3, 20, 20), torch.float32, device, loc=1.0)
-    assert (layout.block_plan(4, 3, 400, False, x.device).splits > 1) == split
+    assert (cuda_plan.block_plan(4, 3, 400, False, x.device).splits > 1) == split
     before = _counts()
     _train_step(x, random_params(3, torch.float32, device), training=training)
     launched = dict(_counts() - before)
@@ -85,12 +89,12 @@ def test_split_path_matches_one_block_path(dtype, x_layout, device, monkeypatch)
     params = random_params(4, dtype, device)
     channels_fast = x_layout == "channels_last"
     with monkeypatch.context() as patch:
-        patch.setattr(layout, "CUDA_MIN_ROWS_PER_LANE", 2**40)
-        assert layout.block_plan(5, 4, 143, channels_fast, x.device).splits == 1
+        patch.setattr(cuda_plan, "CUDA_MIN_ROWS_PER_LANE", 2**40)
+        assert cuda_plan.block_plan(5, 4, 143, channels_fast, x.device).splits == 1
         one = _train_step(x, params, "silu", r)
-    monkeypatch.setattr(layout, "INTERPRETER_PROGRAMS", 64)
-    monkeypatch.setattr(layout, "CUDA_MIN_ROWS_PER_LANE", 1)
-    assert layout.block_plan(5, 4, 143, channels_fast, x.device).splits > 1
+    monkeypatch.setattr(cuda_plan, "EMULATED_BLOCKS", 64)
+    monkeypatch.setattr(cuda_plan, "CUDA_MIN_ROWS_PER_LANE", 1)
+    assert cuda_plan.block_plan(5, 4, 143, channels_fast, x.device).splits > 1
     split = _train_step(x, params, "silu", r)
     tol = (1e-12, 1e-12) if dtype == torch.float64 else TOL[torch.float32]
     for a, b in zip(one, split):  # the sums (dweight, dbias) add in another order
@@ -104,10 +108,10 @@ def test_the_gpus_block_size(x_layout, split, device, monkeypatch, request):
     256: the same code at the GPU's block shape, against float64."""
     if split:
         request.getfixturevalue("many_splits")
-    monkeypatch.setattr(layout, "EMULATED_BLOCK_THREADS", layout.CUDA_BLOCK_THREADS)
+    monkeypatch.setattr(cuda_plan, "EMULATED_BLOCK_THREADS", cuda_plan.CUDA_BLOCK_THREADS)
     x = make_input((6, 5, 16, 15), torch.float32, device, x_layout, loc=-2.0, scale=3.0)
     w, b, rm, rv = random_params(5, torch.float32, device)
-    plan = layout.block_plan(6, 5, 240, x_layout == "channels_last", x.device)
+    plan = cuda_plan.block_plan(6, 5, 240, x_layout == "channels_last", x.device)
     assert plan.threads == 256 and (plan.splits > 1 or not split)
     y, dx, *_ = _train_step(x, (w, b, rm, rv))
     x64 = x.double().requires_grad_(True)
@@ -170,29 +174,29 @@ def test_a_failed_build_is_a_clear_error(device, monkeypatch, tmp_path):
 
 def test_import_builds_and_loads_nothing(tmp_path):
     code = ("import sys, bnkernels, torch; bnkernels.BatchNorm2d(3)(torch.randn(2, 3, 4, 4)); "
-            "print('bnkernels.cuda_library' in sys.modules)")
+            "print('bnkernels.backends.cuda.library' in sys.modules)")
     env = {"BNKERNELS_CACHE_DIR": str(tmp_path), "BNKERNELS_BACKEND": "torch", "PATH": "/usr/bin"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=str(cuda_build.PACKAGE.parent))
+                          cwd=str(cuda_build.CHECKOUT_CSRC.parent))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False" and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("numel,built,expected", [
-    (backend.AUTO_CUDA_MAX_NUMEL, True, "cuda"),
-    (backend.AUTO_CUDA_MAX_NUMEL + 1, True, "triton"),
+    (backends.AUTO_CUDA_MAX_NUMEL, True, "cuda"),
+    (backends.AUTO_CUDA_MAX_NUMEL + 1, True, "triton"),
     (64, False, "triton"),  # auto never starts a compile
 ])
 def test_auto_rule_on_cuda_tensors(numel, built, expected, monkeypatch):
     monkeypatch.setenv("BNKERNELS_BACKEND", "auto")
     monkeypatch.setattr(cuda_library, "is_built", lambda device: built)
     fake = SimpleNamespace(device=torch.device("cuda", 0), numel=lambda: numel)
-    assert backend.select(fake).__name__ == f"bnkernels.{expected}_batch_norm"
+    assert backends.select(fake).name == expected
 
 
 def test_auto_on_cpu_never_picks_the_emulation(monkeypatch):
     monkeypatch.setenv("BNKERNELS_BACKEND", "auto")
-    assert backend.select(torch.randn(2, 3)).__name__ == "bnkernels.triton_batch_norm"
+    assert backends.select(torch.randn(2, 3)).name == "triton"
 
 
 def test_prebuilt_library_is_used_only_when_current(monkeypatch, tmp_path):
@@ -213,3 +217,14 @@ def test_setup_builds_for_sm80_sm90_and_ptx(tmp_path):
     for target in ("arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90",
                    "arch=compute_90,code=compute_90"):
         assert target in command
+
+
+def test_the_build_command_runs(tmp_path):
+    """`python -m bnkernels.backends.cuda --emulate` builds into the cache and prints where."""
+    env = {"BNKERNELS_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "bnkernels.backends.cuda", "--emulate"],
+                          capture_output=True, text=True, env=env,
+                          cwd=str(cuda_build.CHECKOUT_CSRC.parent))
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).is_file() and str(tmp_path) in done.stdout
+    assert not done.stderr  # (no runpy warning: the entry point is the package's __main__)

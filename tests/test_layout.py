@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from bnkernels import layout
+from bnkernels.backends.cuda import plan as cuda_plan
+from bnkernels.backends.triton import plan as triton_plan
 
 
 def test_ncs_strides():
@@ -42,13 +44,13 @@ def test_alloc_output_keeps_channels_last():
 @pytest.mark.parametrize("channels_fast", [False, True])
 def test_plan_fills_an_h100(c, h, channels_fast, monkeypatch):
     """One program per channel would leave 64 channels on 64 of 132 SMs."""
-    monkeypatch.setattr(layout, "target_programs", lambda device: 4 * 132)
-    plan = layout.launch_plan(128, c, h * h, channels_fast, torch.device("cuda"))
+    monkeypatch.setattr(triton_plan, "target_programs", lambda device: 4 * 132)
+    plan = triton_plan.launch_plan(128, c, h * h, channels_fast, torch.device("cuda"))
     programs = plan.c_blocks * plan.splits
     assert programs >= 132
     assert plan.splits * plan.rows_per_split >= 128 * h * h
     assert (plan.splits - 1) * plan.rows_per_split < 128 * h * h  # no split without rows
-    assert plan.block_c * plan.block_r <= layout.GPU_TILE
+    assert plan.block_c * plan.block_r <= triton_plan.GPU_TILE
 
 
 @pytest.mark.parametrize("c,h", [(64, 112), (256, 56), (512, 28), (2048, 7), (3, 5)])
@@ -57,10 +59,10 @@ def test_plan_fills_an_h100(c, h, channels_fast, monkeypatch):
 def test_block_plan_of_the_cuda_backend(n, c, h, channels_fast, monkeypatch):
     """csrc/'s plan: a power-of-two block, every row in exactly one split, none empty, and
     at least one block per SM of a 132-SM GPU where the rows allow it."""
-    monkeypatch.setattr(layout, "_sm_count", lambda index: 132)
-    plan = layout.block_plan(n, c, h * h, channels_fast, torch.device("cuda", 0))
+    monkeypatch.setattr(cuda_plan, "sm_count", lambda index: 132)
+    plan = cuda_plan.block_plan(n, c, h * h, channels_fast, torch.device("cuda", 0))
     rows = n * h * h
-    assert plan.threads == layout.CUDA_BLOCK_THREADS and plan.threads % plan.block_c == 0
+    assert plan.threads == cuda_plan.CUDA_BLOCK_THREADS and plan.threads % plan.block_c == 0
     assert plan.block_c & (plan.block_c - 1) == 0
     assert plan.splits * plan.rows_per_split >= rows > (plan.splits - 1) * plan.rows_per_split
     blocks = -(-c // plan.block_c) * plan.splits

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bnkernels
-from bnkernels import layout
+from bnkernels.backends.triton import plan as triton_plan
 from helpers import (TOL, assert_close_scaled, bn_pair, float64_reference, kernels_only,
                      make_input, random_params)
 
@@ -47,11 +47,11 @@ def test_split_merge_matches_single_program(channels_last, device, monkeypatch):
     params = random_params(5, torch.float32, device)
     rm1, rv1, rm2, rv2 = (t.clone() for t in params[2:] * 2)
     one = _fwd_bwd(x, *params[:2], rm1, rv1)
-    plan = layout.launch_plan(3, 5, 143, channels_last, torch.device(device))
-    monkeypatch.setattr(layout, "INTERPRETER_TILE", 64)
-    monkeypatch.setattr(layout, "GPU_TILE", 64)
-    monkeypatch.setattr(layout, "INTERPRETER_PROGRAMS", 64)
-    split_plan = layout.launch_plan(3, 5, 143, channels_last, torch.device(device))
+    plan = triton_plan.launch_plan(3, 5, 143, channels_last, torch.device(device))
+    monkeypatch.setattr(triton_plan, "INTERPRETER_TILE", 64)
+    monkeypatch.setattr(triton_plan, "GPU_TILE", 64)
+    monkeypatch.setattr(triton_plan, "INTERPRETER_PROGRAMS", 64)
+    split_plan = triton_plan.launch_plan(3, 5, 143, channels_last, torch.device(device))
     assert split_plan.splits > 1 and split_plan.splits > plan.splits
     many = _fwd_bwd(x, *params[:2], rm2, rv2)
     for a, b in zip(one + (rm1, rv1), many + (rm2, rv2)):
@@ -154,8 +154,8 @@ def test_int64_indexing_path(device, monkeypatch):
     params = random_params(4, torch.float32, device)
     rm1, rv1, rm2, rv2 = (t.clone() for t in params[2:] * 2)
     narrow = _fwd_bwd(x, *params[:2], rm1, rv1)
-    real = layout.kernel_layout
-    monkeypatch.setattr("bnkernels.triton_batch_norm.kernel_layout",
+    real = triton_plan.kernel_layout
+    monkeypatch.setattr("bnkernels.backends.triton.launch.kernel_layout",
                         lambda *a: real(*a)._replace(index_64=True))
     wide = _fwd_bwd(x, *params[:2], rm2, rv2)
     for a, b in zip(narrow + (rm1, rv1), wide + (rm2, rv2)):
@@ -164,9 +164,9 @@ def test_int64_indexing_path(device, monkeypatch):
 
 def test_int64_chosen_past_2_to_31():
     big = torch.empty((2**16, 64, 32, 32), device="meta")
-    assert layout.kernel_layout([big], 4, 512).index_64
+    assert triton_plan.kernel_layout([big], 4, 512).index_64
     small = torch.empty((128, 64, 56, 56), device="meta")
-    assert not layout.kernel_layout([small], 4, 512).index_64
+    assert not triton_plan.kernel_layout([small], 4, 512).index_64
 
 
 # ---------------------------------------------------------------- precision, non-finite

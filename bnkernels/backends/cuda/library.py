@@ -1,7 +1,7 @@
 """libbnkernels_cuda through ctypes: the BnkCall mirror of csrc/bnk_api.h, and which build
 a device gets.
 
-  CUDA tensors   setup.py's build (bnkernels/_lib/, sm_80 + sm_90 + PTX) when it was made
+  CUDA tensors   setup.py's build (build.PREBUILT, sm_80 + sm_90 + PTX) when it was made
                  from the sources beside it, else the cached build for the device's arch,
                  compiled with nvcc on first use (once per machine and source version).
   CPU tensors    the emulation build (BNKERNELS_CUDA_EMULATE=1; tests only).
@@ -17,10 +17,11 @@ from typing import Dict, Optional
 
 import torch
 
-from . import cuda_build
+from ... import activations
+from . import build as cuda_build
 
 EMULATE_ENV = "BNKERNELS_CUDA_EMULATE"
-KERNELS = ("reduce", "merge", "apply", "fused")  # bnk_launch_counts' order
+PASSES = ("reduce", "merge", "apply", "fused")  # bnk_launch_counts' order
 
 
 class BnkTensor(ctypes.Structure):
@@ -32,16 +33,17 @@ class BnkCall(ctypes.Structure):
     """csrc/bnk_api.h's BnkCall, field for field (checked against the library on load)."""
     _fields_ = [
         ("n", ctypes.c_int64), ("c", ctypes.c_int64), ("s", ctypes.c_int64),
-        ("x", BnkTensor), ("g", BnkTensor), ("res", BnkTensor), ("out", BnkTensor),
-        ("dres", BnkTensor),
+        ("x", BnkTensor), ("g", BnkTensor), ("res", BnkTensor), ("y", BnkTensor),
+        ("out", BnkTensor), ("dres", BnkTensor),
         ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("mean", ctypes.c_void_p),
-        ("stat", ctypes.c_void_p), ("sum_g", ctypes.c_void_p), ("sum_gx", ctypes.c_void_p),
+        ("rstd_or_var", ctypes.c_void_p), ("sum_g", ctypes.c_void_p),
+        ("sum_gx", ctypes.c_void_p), ("channel_count", ctypes.c_void_p),
         ("stats_out", ctypes.c_void_p * 3), ("workspace", ctypes.c_void_p),
-        ("eps", ctypes.c_double), ("sum_count", ctypes.c_double),
+        ("eps", ctypes.c_double), ("count", ctypes.c_double),
         ("dtype", ctypes.c_int32), ("weight_dtype", ctypes.c_int32),
         ("bias_dtype", ctypes.c_int32), ("stat_dtype", ctypes.c_int32),
         ("activation", ctypes.c_int32), ("training", ctypes.c_int32),
-        ("from_running", ctypes.c_int32), ("channels_fast", ctypes.c_int32),
+        ("given_var", ctypes.c_int32), ("channels_fast", ctypes.c_int32),
         ("threads", ctypes.c_int32), ("block_c", ctypes.c_int32), ("splits", ctypes.c_int32),
         ("device", ctypes.c_int32), ("rows_per_split", ctypes.c_int64),
         ("stream", ctypes.c_void_p),
@@ -57,13 +59,19 @@ def emulation_enabled() -> bool:
 
 
 def _check_abi(lib: ctypes.CDLL) -> None:
+    """The library's BnkCall layout and activation codes are this module's."""
     offsets = (ctypes.c_int64 * 64)()
     count = lib.bnk_call_offsets(offsets, 64)
     ours = [ctypes.sizeof(BnkCall)] + [getattr(BnkCall, name).offset for name, _ in
                                        BnkCall._fields_]
     if list(offsets[:count]) != ours:
-        raise RuntimeError("libbnkernels_cuda's BnkCall differs from cuda_library.BnkCall "
+        raise RuntimeError("libbnkernels_cuda's BnkCall differs from library.BnkCall "
                            f"(sizeof and offsets {list(offsets[:count])} vs {ours})")
+    for name in activations.ACTIVATIONS:
+        theirs = lib.bnk_activation_name(activations.code(name))
+        if (theirs or b"").decode() != (name or "identity"):
+            raise RuntimeError(f"libbnkernels_cuda's activation code {activations.code(name)} "
+                               f"is {theirs!r}, bnkernels' is {name or 'identity'!r}")
 
 
 _LOADED: Dict[str, ctypes.CDLL] = {}
@@ -80,6 +88,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.bnk_error_string.restype = ctypes.c_char_p
     lib.bnk_call_offsets.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
     lib.bnk_call_offsets.restype = ctypes.c_int
+    lib.bnk_activation_name.argtypes = [ctypes.c_int]
+    lib.bnk_activation_name.restype = ctypes.c_char_p
     lib.bnk_launch_counts.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     lib.bnk_launch_counts.restype = None
     _check_abi(lib)
@@ -152,11 +162,11 @@ def is_built(device: torch.device) -> bool:
 
 
 def launch_counts() -> Dict[str, int]:
-    """Kernel launches so far, summed over every library this process loaded."""
-    totals = dict.fromkeys(KERNELS, 0)
+    """Kernel launches so far by pass, summed over every library this process loaded."""
+    totals = dict.fromkeys(PASSES, 0)
     for lib in list(_LOADED.values()):
-        counts = (ctypes.c_int64 * len(KERNELS))()
+        counts = (ctypes.c_int64 * len(PASSES))()
         lib.bnk_launch_counts(counts)
-        for name, value in zip(KERNELS, counts):
+        for name, value in zip(PASSES, counts):
             totals[name] += value
     return totals

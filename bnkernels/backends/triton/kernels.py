@@ -1,42 +1,40 @@
-"""Triton kernels for BatchNorm, then their launchers (the `triton` backend).
+"""The Triton backend's kernels: the three passes of docs/math.md (launch.py launches them).
 
-A tensor is read as (N, C, S) through strides (see layout.py); a channel's m = N*S values
-are its "rows". Three kernels serve the three passes of ../shared/BN_MATH.md:
+A tensor is read as (N, C, S) through strides (layout.py); a channel's m = N*S values are
+its "rows". One kernel per pass, each serving forward and backward (BACKWARD switch):
 
-  _partial_stats_kernel  grid (channel blocks, splits). Each program reduces its share of
-                         the rows of a block of channels: Welford (mean, M2) forward,
-                         (sum g, sum g*xhat) backward.
-  _merge_kernel          grid (channel blocks,). Merges the splits in a fixed order, so the
-                         result is bitwise reproducible (no atomics).
-  _apply_kernel          grid (channel blocks, splits). The elementwise pass: normalize +
-                         affine forward, the input gradient backward.
+  _reduce_kernel  grid (channel blocks, splits). Each program reduces its share of the rows
+                  of a block of channels: Welford (K, mean, var, sum) forward,
+                  (sum g, sum g*xhat) backward.
+  _merge_kernel   grid (channel blocks,). Merges the splits in a fixed order, so the
+                  result is bitwise reproducible (no atomics).
+  _apply_kernel   grid (channel blocks, splits). The elementwise pass: normalize + affine
+                  (+ epilogue) forward, the input gradient backward.
 
-Training forward = partial + merge + apply (x is read twice, y written once); eval forward
-= apply; backward = partial + merge + apply with batch statistics, apply alone for the input
-gradient through running statistics. NCHW and channels_last differ only in constexpr
-switches (FLAT_ROWS) and the tile shape the launch plan picks.
+Training forward = reduce + merge + apply (x is read twice, y written once); eval forward
+= apply; backward = reduce + merge + apply with batch statistics, apply alone for the input
+gradient through constant statistics. NCHW and channels_last differ only in a constexpr
+switch (FLAT_ROWS) and the tile shape the launch plan picks.
 
 Fused epilogue (ACTIVATION, HAS_RESIDUAL): forward stores act(z), z = bn(x) + residual,
 from the apply kernel; backward turns dL/dy into dL/dz where it reads it, in both the
-partial and the apply kernel (_epilogue_grad), and the apply kernel also writes dL/dz as
-the residual's gradient. No pass is added.
+reduce and the apply kernel (_epilogue_grad), and the apply kernel also writes dL/dz as
+the residual's gradient (HAS_DRES). No pass is added.
+
+The per-channel statistics a pass normalizes with are a mean and, through one pointer,
+either an rstd or (FROM_VAR) a variance, rstd = 1/sqrt(var + eps): backends/contract.py's
+Normalizer.
 """
-from __future__ import annotations
-
-import collections
-import contextlib
-from typing import Optional, Tuple
-
-import torch
 import triton
 import triton.language as tl
 
-from .activations import code
-from .layout import (MERGE_BLOCK_C, acc_dtype, alloc_output, kernel_layout, kernel_ready,
-                     launch_plan, ncs_shape, ncs_strides)
+from ...activations import GELU, IDENTITY, RELU, SILU
 
-# Kernel launches by kernel name: the tests read it to prove the kernels ran.
-launch_counts: collections.Counter = collections.Counter()
+# The activation codes, as the constexprs a kernel may read.
+_IDENTITY = tl.constexpr(IDENTITY)
+_RELU = tl.constexpr(RELU)
+_SILU = tl.constexpr(SILU)
+_GELU = tl.constexpr(GELU)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -68,16 +66,16 @@ def _inv_std(var, eps, ACC: tl.constexpr):
 
 
 @triton.jit
-def _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, smC, ssC,
-                   FROM_RUNNING: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel (mean, rstd): the saved batch statistics, or rstd = 1/sqrt(var + eps)
-    from the running variance. Every per-channel vector is read through its stride (smC,
-    ssC here): a strided or expanded view (stride 0) is read in place, never copied."""
+def _channel_stats(mean_ptr, rstd_or_var_ptr, c, c_mask, eps, smC, ssC,
+                   FROM_VAR: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel (mean, rstd): rstd as given, or (FROM_VAR) 1/sqrt(var + eps) from the
+    variance given. Every per-channel vector is read through its stride (smC, ssC here): a
+    strided or expanded view (stride 0) is read in place, never copied."""
     mean = tl.load(mean_ptr + c * smC, mask=c_mask, other=0.0).to(ACC)
-    stat = tl.load(stat_ptr + c * ssC, mask=c_mask, other=1.0).to(ACC)
-    if FROM_RUNNING:
-        stat = _inv_std(stat, eps, ACC)
-    return mean, stat
+    rstd = tl.load(rstd_or_var_ptr + c * ssC, mask=c_mask, other=1.0).to(ACC)
+    if FROM_VAR:
+        rstd = _inv_std(rstd, eps, ACC)
+    return mean, rstd
 
 
 @triton.jit
@@ -119,12 +117,12 @@ def _pre_activation(x, mean, scale, shift, res_ptr, res_offsets, mask,
 
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr):
-    """act(z) for the codes of activations.py: 0 identity, 1 relu, 2 silu, 3 gelu (erf)."""
-    if ACTIVATION == 1:
+    """act(z) for the codes of activations.py (gelu: the erf form)."""
+    if ACTIVATION == _RELU:
         y = tl.where(z < 0, 0.0, z)  # not tl.maximum: NaN must stay NaN, as in torch.relu
-    elif ACTIVATION == 2:
+    elif ACTIVATION == _SILU:
         y = z * tl.sigmoid(z)
-    elif ACTIVATION == 3:
+    elif ACTIVATION == _GELU:
         y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     else:
         y = z
@@ -134,12 +132,12 @@ def _activation(z, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation_grad(g, z, ACTIVATION: tl.constexpr):
     """dL/dz = g * act'(z), g = dL/dy (relu: torch's rule, g where z > 0)."""
-    if ACTIVATION == 1:
+    if ACTIVATION == _RELU:
         d = tl.where(z > 0, g, 0.0)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == _SILU:
         s = tl.sigmoid(z)
         d = g * (s * (1.0 + z * (1.0 - s)))
-    elif ACTIVATION == 3:
+    elif ACTIVATION == _GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1/sqrt(2*pi)
         d = g * (cdf + z * pdf)
@@ -149,23 +147,20 @@ def _activation_grad(g, z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_grad(g, x, mean, scale, shift, aux_ptr, aux_offsets, mask,
-                   ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+def _epilogue_grad(g, x, mean, scale, shift, res_ptr, res_offsets, y_ptr, y_offsets, mask,
+                   ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                   MASK_FROM_Y: tl.constexpr, ACC: tl.constexpr):
     """dL/dz from g = dL/dy, through the activation of z = bn(x) (+ residual).
 
-    z is recomputed from x, aux being the residual; except for relu after a residual add,
-    whose mask z > 0 is y > 0 with aux the saved output y: torch's relu keeps y as well, so
-    the fused op keeps no more than the unfused ops, where keeping the residual would (a
-    downsample branch's output is otherwise freed after the add)."""
-    if ACTIVATION == 1:
-        if HAS_RESIDUAL:
-            y = tl.load(aux_ptr + aux_offsets, mask=mask, other=0.0)
-            d = tl.where(y > 0, g, 0.0)
-        else:
-            d = _activation_grad(g, _pre_activation(x, mean, scale, shift, aux_ptr, aux_offsets,
-                                                    mask, False, ACC), ACTIVATION)
+    z is recomputed from x (and the residual); except for relu after a residual add
+    (MASK_FROM_Y), whose mask z > 0 is y > 0, read from the saved output y: torch's relu
+    keeps y as well, so the fused op keeps no more than the unfused ops, where keeping the
+    residual would (a downsample branch's output is otherwise freed after the add)."""
+    if MASK_FROM_Y:
+        y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0)
+        d = tl.where(y > 0, g, 0.0)
     else:
-        z = _pre_activation(x, mean, scale, shift, aux_ptr, aux_offsets, mask, HAS_RESIDUAL, ACC)
+        z = _pre_activation(x, mean, scale, shift, res_ptr, res_offsets, mask, HAS_RESIDUAL, ACC)
         d = _activation_grad(g, z, ACTIVATION)
     return d
 
@@ -264,12 +259,12 @@ def _load_tile(ptr, r, c, mask, S, sN, sC, sS,
 
 
 @triton.jit
-def _partial_stats_kernel(
-    x_ptr, g_ptr, res_ptr, mean_ptr, stat_ptr, weight_ptr, bias_ptr, part_ptr,
+def _reduce_kernel(
+    x_ptr, g_ptr, res_ptr, y_ptr, mean_ptr, rstd_or_var_ptr, weight_ptr, bias_ptr, part_ptr,
     C, S, R, rows_per_split, eps,
-    sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, smC, ssC, swC, sbC,
-    BACKWARD: tl.constexpr, FROM_RUNNING: tl.constexpr,
-    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, syN, syC, syS, smC, ssC, swC, sbC,
+    BACKWARD: tl.constexpr, FROM_VAR: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_FROM_Y: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
@@ -306,8 +301,8 @@ def _partial_stats_kernel(
     a = tl.zeros([BLOCK_C, BLOCK_R], ACC)
     b = tl.zeros([BLOCK_C, BLOCK_R], ACC)
     if BACKWARD:
-        mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, smC, ssC,
-                                    FROM_RUNNING, ACC)
+        mean, rstd = _channel_stats(mean_ptr, rstd_or_var_ptr, c, c_mask, eps, smC, ssC,
+                                    FROM_VAR, ACC)
         scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, swC, sbC,
                                HAS_WEIGHT, HAS_BIAS, ACC)
         z_mean, shift = _z_mean_shift(mean, scale, shift)
@@ -323,10 +318,11 @@ def _partial_stats_kernel(
         x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
         if BACKWARD:
             g = _load_tile(g_ptr, r, c, mask, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64, ACC)
-            if ACTIVATION != 0:
+            if ACTIVATION != _IDENTITY:
                 res_offsets = _tile_offsets(r, c, S, srN, srC, srS, FLAT_ROWS, INDEX_64)
-                g = _epilogue_grad(g, x, z_mean, scale, shift, res_ptr, res_offsets, mask,
-                                   ACTIVATION, HAS_RESIDUAL, ACC)
+                y_offsets = _tile_offsets(r, c, S, syN, syC, syS, FLAT_ROWS, INDEX_64)
+                g = _epilogue_grad(g, x, z_mean, scale, shift, res_ptr, res_offsets, y_ptr,
+                                   y_offsets, mask, ACTIVATION, HAS_RESIDUAL, MASK_FROM_Y, ACC)
             a += g
             b += g * ((x - mean[:, None]) * rstd[:, None])
         else:
@@ -367,12 +363,12 @@ def _merge_kernel(
     C, R, rows_per_split, num_splits, eps,
     BACKWARD: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Merges the splits of _partial_stats_kernel, in split order (bitwise reproducible).
+    """Merges the splits of _reduce_kernel, in split order (bitwise reproducible).
 
     Forward: _welford_combine over the splits' (K, mean, var, sum), split k holding
     n_k = min(rows_per_split, R - k*rows_per_split) rows (every earlier split is full);
     then out0 = mean (_finish_stats), out1 = rstd = 1/sqrt(var + eps), out2 = var (biased).
-    The forward merge runs in float64, as the lanes' merge in _partial_stats_kernel.
+    The forward merge runs in float64, as the lanes' merge in _reduce_kernel.
     Backward: out0 = sum g (dbeta), out1 = sum g*xhat (dgamma).
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -412,13 +408,15 @@ def _merge_kernel(
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, g_ptr, res_ptr, out_ptr, dres_ptr, mean_ptr, stat_ptr, weight_ptr, bias_ptr,
-    sum_g_ptr, sum_gx_ptr,
-    C, S, R, rows_per_split, eps, sum_count,
-    sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, soN, soC, soS, sdN, sdC, sdS,
+    x_ptr, g_ptr, res_ptr, y_ptr, out_ptr, dres_ptr, mean_ptr, rstd_or_var_ptr, weight_ptr,
+    bias_ptr, sum_g_ptr, sum_gx_ptr, count_ptr,
+    C, S, R, rows_per_split, eps, count,
+    sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, syN, syC, syS, soN, soC, soS, sdN, sdC, sdS,
     smC, ssC, swC, sbC,
-    BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr, FROM_RUNNING: tl.constexpr,
-    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr, FROM_VAR: tl.constexpr,
+    COUNT_PER_CHANNEL: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_FROM_Y: tl.constexpr,
+    HAS_DRES: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
@@ -427,24 +425,29 @@ def _apply_kernel(
 
     Forward:   y  = act(z),  z = (x - mean) * (gamma * rstd) + beta (+ residual)
     Backward: first g = dL/dz = dL/dy * act'(z), z recomputed (written to dres, the
-    residual's gradient, when there is a residual); then, batch statistics (the direct,
-    mean and variance paths):
+    residual's gradient, with HAS_DRES); then, batch statistics (the direct, mean and
+    variance paths):
                dx = gamma * rstd * (g - sum(g)/m - xhat * sum(g*xhat)/m)
-               m = sum_count: R here; SyncBatchNorm passes the global means, already
-               divided by the global count, with sum_count = 1 (an int: exact in float64)
-    Backward, running statistics (mean and rstd are constants):
+               m = count (N*S), or count_ptr[c] (COUNT_PER_CHANNEL: SyncBatchNorm's global
+               sums and count)
+    Backward, constant statistics (eval):
                dx = gamma * rstd * g
     """
     c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
 
-    mean, rstd = _channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, smC, ssC, FROM_RUNNING, ACC)
+    mean, rstd = _channel_stats(mean_ptr, rstd_or_var_ptr, c, c_mask, eps, smC, ssC, FROM_VAR,
+                                ACC)
     scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, swC, sbC,
                            HAS_WEIGHT, HAS_BIAS, ACC)
     z_mean, shift = _z_mean_shift(mean, scale, shift)
     if BACKWARD:
         if BATCH_STATS:
-            mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) / sum_count
-            mean_gx = tl.load(sum_gx_ptr + c, mask=c_mask, other=0.0) / sum_count
+            if COUNT_PER_CHANNEL:
+                m = tl.load(count_ptr + c, mask=c_mask, other=1.0)
+            else:
+                m = count
+            mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) / m
+            mean_gx = tl.load(sum_gx_ptr + c, mask=c_mask, other=0.0) / m
 
     for start in range(row0, row_end, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
@@ -452,15 +455,16 @@ def _apply_kernel(
         res_offsets = _tile_offsets(r, c, S, srN, srC, srS, FLAT_ROWS, INDEX_64)
         if BACKWARD:
             g = _load_tile(g_ptr, r, c, mask, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64, ACC)
-            if ACTIVATION != 0:
+            if ACTIVATION != _IDENTITY:
                 x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
-                g = _epilogue_grad(g, x, z_mean, scale, shift, res_ptr, res_offsets, mask,
-                                   ACTIVATION, HAS_RESIDUAL, ACC)
-                if HAS_RESIDUAL:
+                y_offsets = _tile_offsets(r, c, S, syN, syC, syS, FLAT_ROWS, INDEX_64)
+                g = _epilogue_grad(g, x, z_mean, scale, shift, res_ptr, res_offsets, y_ptr,
+                                   y_offsets, mask, ACTIVATION, HAS_RESIDUAL, MASK_FROM_Y, ACC)
+                if HAS_DRES:
                     d_offsets = _tile_offsets(r, c, S, sdN, sdC, sdS, FLAT_ROWS, INDEX_64)
                     tl.store(dres_ptr + d_offsets, g.to(dres_ptr.dtype.element_ty), mask=mask)
             if BATCH_STATS:
-                if ACTIVATION == 0:
+                if ACTIVATION == _IDENTITY:
                     x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
                 xhat = (x - mean[:, None]) * rstd[:, None]
                 out = scale[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
@@ -473,181 +477,3 @@ def _apply_kernel(
             out = _activation(z, ACTIVATION)
         o_offsets = _tile_offsets(r, c, S, soN, soC, soS, FLAT_ROWS, INDEX_64)
         tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# --------------------------------------------------------------------------- launchers
-
-_GL = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def _launch(kernel, grid, *args, **meta):
-    launch_counts[kernel.fn.__name__] += 1
-    device = args[0].device
-    # Triton launches on the current device: make it the tensors' one (x on cuda:1, say).
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernel[grid](*args, **meta)
-
-
-class _Launch:
-    """What the kernels of one call share: shapes, tile, grid, and each tensor's strides
-    (by role: x, g, res, out, dres; x's stand in for a role the call has no tensor for)."""
-
-    def __init__(self, x: torch.Tensor, **others: Optional[torch.Tensor]):
-        self.n, self.c, self.s = ncs_shape(x)
-        self.rows = self.n * self.s
-        self.acc = acc_dtype(x.dtype)
-        channels_fast = ncs_strides(x)[1] == 1 and self.c > 1
-        self.plan = launch_plan(self.n, self.c, self.s, channels_fast, x.device)
-        named = {"x": x, **{k: t for k, t in others.items() if t is not None}}
-        self.layout = kernel_layout(tuple(named.values()), self.plan.block_c, self.plan.block_r)
-        self._strides = dict(zip(named, self.layout.strides))
-        self.grid = (self.plan.c_blocks, self.plan.splits)
-
-    def strides(self, role: str):
-        return self._strides.get(role, self._strides["x"])
-
-    def meta(self, activation: int, residual, weight, bias, **switches):
-        return dict(ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
-                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                    FLAT_ROWS=self.layout.flat_rows, INDEX_64=self.layout.index_64,
-                    BLOCK_C=self.plan.block_c, BLOCK_R=self.plan.block_r, ACC=_GL[self.acc],
-                    num_warps=self.plan.num_warps, **switches)
-
-    def reduce(self, x, eps, g=None, res=None, mean=None, stat=None, weight=None, bias=None,
-               activation=0, from_running=False):
-        """Partial reductions then their merge: (mean, rstd, var) of x (g None), or
-        (sum g, sum g*xhat) with the given statistics."""
-        backward = g is not None
-        plan = self.plan
-        part = torch.empty((2 if backward else 4, plan.splits, self.c), dtype=self.acc,
-                           device=x.device)
-        _launch(_partial_stats_kernel, self.grid, x, _or_x(g, x), _or_x(res, x),
-                _or_x(mean, x), _or_x(stat, x), _or_x(weight, x), _or_x(bias, x), part,
-                self.c, self.s, self.rows, plan.rows_per_split, eps,
-                *self.strides("x"), *self.strides("g"), *self.strides("res"),
-                *_channel_strides(mean, stat, weight, bias),
-                **self.meta(activation, res, weight, bias,
-                            BACKWARD=backward, FROM_RUNNING=from_running))
-        outs = tuple(torch.empty(self.c, dtype=self.acc, device=x.device)
-                     for _ in range(2 if backward else 3))
-        block = min(MERGE_BLOCK_C, triton.next_power_of_2(self.c))
-        out2 = outs[2] if len(outs) == 3 else outs[0]  # the backward merge has no third output
-        _launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2,
-                self.c, self.rows, plan.rows_per_split, plan.splits, eps,
-                BACKWARD=backward, BLOCK_C=block, ACC=_GL[self.acc])
-        return outs
-
-    def apply(self, x, out, mean, stat, weight, bias, eps, *, backward, batch_stats,
-              from_running, activation=0, g=None, res=None, dres=None, sum_g=None,
-              sum_gx=None, sum_count=1):
-        """The elementwise kernel: y = act(bn(x) (+ res)), or dx (and dres) from g."""
-        _launch(_apply_kernel, self.grid, x, _or_x(g, x), _or_x(res, x), out, _or_x(dres, x),
-                mean, stat, _or_x(weight, x), _or_x(bias, x), _or_x(sum_g, x), _or_x(sum_gx, x),
-                self.c, self.s, self.rows, self.plan.rows_per_split, eps, sum_count,
-                *self.strides("x"), *self.strides("g"), *self.strides("res"),
-                *self.strides("out"), *self.strides("dres"),
-                *_channel_strides(mean, stat, weight, bias),
-                **self.meta(activation, res, weight, bias, BACKWARD=backward,
-                            BATCH_STATS=batch_stats, FROM_RUNNING=from_running))
-
-
-def _channel_strides(*vectors: Optional[torch.Tensor]) -> Tuple[int, ...]:
-    """The stride of each (C,) vector (0 for a missing one, which the kernel doesn't read):
-    views are read in place, an expanded one through its stride 0."""
-    return tuple(0 if t is None else t.stride(0) for t in vectors)
-
-
-def _or_x(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """A pointer argument the kernel's constexpr switches leave unread: any tensor will do."""
-    return x if t is None else t
-
-
-def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-            running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-            training: bool, eps: float, activation: Optional[str] = None,
-            residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
-    """(y, mean, rstd, biased var), y = act(bn(x) + residual); the statistics are empty in
-    eval mode."""
-    y = alloc_output(x)
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    if x.numel() == 0:
-        zeros = [torch.zeros(c if training else 0, dtype=acc, device=x.device) for _ in range(3)]
-        return (y, *zeros)
-    x, residual = kernel_ready(x), kernel_ready(residual)
-    call = _Launch(x, out=y, res=residual)
-    if training:
-        stats = call.reduce(x, eps=eps)
-        mean, stat = stats[:2]  # mean, rstd
-    else:
-        stats = tuple(torch.empty(0, dtype=acc, device=x.device) for _ in range(3))
-        mean, stat = running_mean, running_var
-    call.apply(x, y, mean, stat, weight, bias, eps, backward=False, batch_stats=training,
-               from_running=not training, activation=code(activation), res=residual)
-    return (y, *stats)
-
-
-def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-             bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-             mean: torch.Tensor, stat: torch.Tensor, training: bool, eps: float,
-             activation: Optional[str], need_dx: bool, need_sums: bool,
-             need_dres: bool) -> Tuple[torch.Tensor, ...]:
-    """(dx, sum g, sum g*xhat, dres), g = dL/dz of z = bn(x) (+ residual) under the
-    activation. mean/stat: the saved mean/rstd (training) or the running mean/var (eval).
-    bias and residual matter only with an activation (to recompute z); so does dres = g
-    (without an activation the residual's gradient is grad_out itself, the caller's to
-    pass on). With activation "relu", `residual` is the forward's output y instead (see
-    _epilogue_grad). Results not asked for come back empty."""
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    act = code(activation)
-    if act == 0:
-        bias = residual = None
-    empty = torch.empty(0, dtype=acc, device=x.device)
-    need_dres = need_dres and residual is not None
-    dx = alloc_output(x) if need_dx or need_dres else empty
-    dres = alloc_output(residual) if need_dres else None
-    sum_g, sum_gx = empty, empty.clone()
-    if x.numel() > 0:
-        x, grad_out, residual = kernel_ready(x), kernel_ready(grad_out), kernel_ready(residual)
-        call = _Launch(x, g=grad_out, res=residual, out=dx if dx.numel() else None, dres=dres)
-        if training or need_sums:
-            sum_g, sum_gx = call.reduce(x, eps, grad_out, residual, mean, stat, weight, bias,
-                                        activation=act, from_running=not training)
-        if need_dx or need_dres:
-            call.apply(x, dx, mean, stat, weight, bias, eps, backward=True,
-                       batch_stats=training, from_running=not training, activation=act,
-                       g=grad_out, res=residual, dres=dres, sum_g=sum_g, sum_gx=sum_gx,
-                       sum_count=call.rows)
-    elif need_sums:  # an empty batch: zero sums
-        sum_g = torch.zeros(c, dtype=acc, device=x.device)
-        sum_gx = sum_g.clone()
-    # (a custom op's outputs may not alias each other: each empty result is its own tensor)
-    return (dx if need_dx else empty, sum_g if need_sums else empty.clone(),
-            sum_gx if need_sums else empty.clone(), empty.clone() if dres is None else dres)
-
-
-def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased var) per channel, in the accumulation dtype (zeros for an empty x)."""
-    if x.numel() == 0:
-        zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
-        return zeros, zeros.clone()
-    x = kernel_ready(x)
-    mean, _, var = _Launch(x).reduce(x, eps=1.0)  # any eps > 0: its rstd goes unused
-    return mean, var
-
-
-def input_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-               mean: torch.Tensor, var: torch.Tensor, mean_g: torch.Tensor,
-               mean_gx: torch.Tensor, eps: float) -> torch.Tensor:
-    """dx through batch statistics given from outside (SyncBatchNorm): mean/var the global
-    statistics, mean_g/mean_gx the global sum(g)/m and sum(g*xhat)/m."""
-    dx = alloc_output(x)
-    if x.numel() == 0:
-        return dx
-    x, grad_out = kernel_ready(x), kernel_ready(grad_out)
-    mean_g, mean_gx = mean_g.contiguous(), mean_gx.contiguous()  # read densely
-    call = _Launch(x, g=grad_out, out=dx)
-    call.apply(x, dx, mean, var, weight, None, eps, backward=True, batch_stats=True,
-               from_running=True, g=grad_out, sum_g=mean_g, sum_gx=mean_gx, sum_count=1)
-    return dx

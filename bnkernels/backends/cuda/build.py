@@ -1,5 +1,9 @@
 """How csrc/ becomes libbnkernels_cuda.so, and where the result is kept.
 
+The sources: csrc/ at the top of a checkout, or bnkernels/backends/cuda/csrc/ in an
+installed package (setup.py ships them there, so that a wheel built without nvcc can still
+compile the backend on first use once nvcc is installed).
+
 Two builds of the same source (csrc/batch_norm.cu and its headers):
 
   GPU        nvcc, for one architecture ("90": sm_90) or several (setup.py: sm_80 and
@@ -12,8 +16,8 @@ A build is cached under BNKERNELS_CACHE_DIR (default ~/.cache/bnkernels) in a fo
 after a digest of the sources, so an edit makes a new build and nothing stale is loaded.
 
 This module imports neither torch nor bnkernels: setup.py loads it by path to build the
-library into the package (bnkernels/_lib/) when nvcc is present.
-    python -m bnkernels.cuda_build [--arch 90 | --emulate]   builds into the cache
+library into the package (PREBUILT) when nvcc is present.
+    python -m bnkernels.backends.cuda [--arch 90 | --emulate]   builds into the cache
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-PACKAGE = Path(__file__).resolve().parent
-CSRC = PACKAGE.parent / "csrc"
+PACKAGE = Path(__file__).resolve().parent  # bnkernels/backends/cuda
+CHECKOUT_CSRC = PACKAGE.parents[2] / "csrc"  # a checkout's (and an editable install's)
+SHIPPED_CSRC = PACKAGE / "csrc"  # an installed package's copy (setup.py's build_py)
+CSRC = SHIPPED_CSRC if (SHIPPED_CSRC / "bnk_api.h").exists() else CHECKOUT_CSRC
 LIB_NAME = "libbnkernels_cuda.so"
 PREBUILT = PACKAGE / "_lib" / LIB_NAME
 PREBUILT_DIGEST = PREBUILT.with_suffix(".digest")
@@ -99,7 +105,10 @@ def gencode_flags(archs: Sequence[str], ptx: bool) -> List[str]:
 def gpu_command(out: Path, archs: Sequence[str], ptx: bool = False) -> List[str]:
     nvcc = find_nvcc()
     if nvcc is None:
-        raise BuildError("nvcc not found (set BNKERNELS_NVCC or CUDA_HOME, or put it on PATH)")
+        raise BuildError("nvcc not found: install the CUDA toolkit (or set BNKERNELS_NVCC or "
+                         "CUDA_HOME, or put nvcc on PATH); the next BNKERNELS_BACKEND=cuda "
+                         "call then builds the library, or build it ahead of time with "
+                         "`python -m bnkernels.backends.cuda --arch <major><minor>`")
     return [nvcc, *NVCC_FLAGS, *gencode_flags(archs, ptx), "-o", str(out),
             *map(str, translation_units())]
 
@@ -202,7 +211,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(path)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

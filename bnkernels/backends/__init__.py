@@ -1,11 +1,17 @@
-"""Which implementation runs a call: BNKERNELS_BACKEND = auto | triton | cuda | torch.
+"""The backends, and which one runs a call: BNKERNELS_BACKEND = auto | triton | cuda | torch.
+
+Every backend implements contract.Backend (forward and backward of one call record);
+ops.py prepares the records and calls select(x)'s backend. The packages:
+  triton/       the Triton kernels (kernels.py), their launch plan and launchers
+  cuda/         the CUDA C++ kernels of csrc/: build, ctypes library, launch plan, launcher
+  reference.py  plain PyTorch (the `torch` backend, and the tests' float64 reference)
 
   triton  the Triton kernels, or a clear error where they cannot run. CPU tensors run
           them under TRITON_INTERPRET=1 (the interpreter).
   cuda    the CUDA C++ kernels of csrc/, or a clear error where they cannot run (no GPU,
           no library and no nvcc to build one). CPU tensors run them under
           BNKERNELS_CUDA_EMULATE=1 (an emulation build, for the tests).
-  torch   the plain-PyTorch path (reference.py).
+  torch   plain PyTorch (reference.py).
   auto    per call, on CUDA tensors: cuda for the launch-bound size class (at most
           AUTO_CUDA_MAX_NUMEL elements), where the C++ launcher's few microseconds of host
           time beat Triton's Python launcher, if its library is built already (auto never
@@ -17,15 +23,16 @@ bench/bench_launch.py (host time per call) and bench/bench_bn.py (device time, b
 providers) are the measurements that set it.
 
 The variable is read on every call, so a process can switch between calls. The Triton
-module is imported on first use: triton reads TRITON_INTERPRET when a kernel is defined.
+package is imported on first use: triton reads TRITON_INTERPRET when a kernel is defined.
 """
 from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
 
 import torch
+
+from .contract import Backend
 
 ENV_VAR = "BNKERNELS_BACKEND"
 CHOICES = ("auto", "triton", "cuda", "torch")
@@ -44,17 +51,15 @@ def requested() -> str:
     return name
 
 
-def _triton_module() -> ModuleType:
-    return importlib.import_module("bnkernels.triton_batch_norm")
-
-
-def _cuda_module() -> ModuleType:
-    return importlib.import_module("bnkernels.cuda_batch_norm")
+def get(name: str) -> Backend:
+    """The backend called name (triton, cuda or torch), imported on first use."""
+    module = {"triton": "triton", "cuda": "cuda", "torch": "reference"}[name]
+    return importlib.import_module(f"{__name__}.{module}").BACKEND
 
 
 def triton_available() -> bool:
     try:
-        _triton_module()
+        get("triton")
     except ImportError:
         return False
     return True
@@ -65,7 +70,7 @@ def _triton_can_run(device: torch.device) -> bool:
 
 
 def _cuda_can_run(device: torch.device) -> bool:
-    from .cuda_library import emulation_enabled
+    from .cuda.library import emulation_enabled
     return device.type == "cuda" or (device.type == "cpu" and emulation_enabled())
 
 
@@ -74,33 +79,33 @@ def auto_prefers_cuda(x: torch.Tensor) -> bool:
     return x.numel() <= AUTO_CUDA_MAX_NUMEL
 
 
-def _select_cuda(x: torch.Tensor) -> ModuleType:
+def _select_cuda(x: torch.Tensor) -> Backend:
     if not _cuda_can_run(x.device):
         raise RuntimeError(
             f"{ENV_VAR}=cuda needs CUDA tensors, or BNKERNELS_CUDA_EMULATE=1 for CPU tensors; "
             f"got a tensor on {x.device}")
-    from .cuda_library import library
+    from .cuda.library import library
     library(x.device)  # built and loaded now, or a RuntimeError that says why not
-    return _cuda_module()
+    return get("cuda")
 
 
-def select(x: torch.Tensor) -> ModuleType:
-    """The module (with forward and backward) that runs a call on x."""
+def select(x: torch.Tensor) -> Backend:
+    """The backend that runs a call on x."""
     name = requested()
     if name == "torch":
-        return importlib.import_module("bnkernels.reference")
+        return get("torch")
     if name == "cuda":
         return _select_cuda(x)
     if name == "auto" and x.device.type == "cuda" and auto_prefers_cuda(x):
-        from .cuda_library import is_built
+        from .cuda.library import is_built
         if is_built(x.device):
-            return _cuda_module()
+            return get("cuda")
     if _triton_can_run(x.device) and triton_available():
-        return _triton_module()
+        return get("triton")
     if name == "triton":
         if not triton_available():
             raise RuntimeError(f"{ENV_VAR}=triton, but triton cannot be imported")
         raise RuntimeError(
             f"{ENV_VAR}=triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; "
             f"got a tensor on {x.device}")
-    return importlib.import_module("bnkernels.reference")
+    return get("torch")

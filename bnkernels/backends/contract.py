@@ -1,0 +1,163 @@
+"""What a backend provides, and what it is given: the one contract between ops.py and the
+kernels (docs/architecture.md draws the layers).
+
+A backend is a `Backend`: two methods, `forward` and `backward`, each given one call record
+(`ForwardCall`, `BackwardCall`) and returning nothing. The record names every tensor once,
+each field meaning one thing. It holds the outputs too: ops.py (`run_forward`,
+`run_backward`) allocates them in torch's layout, and the backend writes into them.
+
+What ops.py has done before a backend sees a call, so that no backend repeats it:
+  - the batch is not empty (an empty one never reaches a backend: ops.py returns its
+    empty output and zero statistics or sums itself);
+  - every element tensor is readable through (N, C, S) strides (layout.kernel_ready);
+  - every per-channel tensor is a (C,) vector, possibly strided (a backend reads it
+    through its stride or copies it);
+  - the outputs exist, are not aliased with each other, and are in torch's layout
+    (layout.alloc_output); an output the caller does not want is None.
+
+The passes every backend runs, by these names (docs/math.md has their arithmetic):
+  reduce  per-channel partial reductions over a share of the rows: Welford (mean, var)
+          forward; (sum g, sum g*xhat) backward
+  merge   the shares' partials folded into one result per channel, in a fixed order
+  apply   the elementwise pass: y = act(bn(x) + residual) forward; dx (and dres) backward
+  fused   reduce and apply in one launch (the CUDA backend, one share per channel)
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """The per-channel statistics a pass normalizes with: mean, and exactly one of rstd and
+    var. rstd = 1/sqrt(var + eps) is computed from var by the backend when var is given."""
+
+    mean: Tensor
+    rstd: Optional[Tensor] = None  # the batch's rstd, as the training forward saved it
+    var: Optional[Tensor] = None  # a variance: the running one, or SyncBatchNorm's global one
+
+    def __post_init__(self):
+        if (self.rstd is None) == (self.var is None):
+            raise ValueError("a Normalizer holds exactly one of rstd and var")
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Outputs of a training forward, per channel, in the accumulation dtype."""
+
+    mean: Tensor
+    rstd: Tensor  # 1 / sqrt(var + eps)
+    var: Tensor  # the biased variance (the one the gradient flows through)
+
+
+@dataclass(frozen=True)
+class GradSums:
+    """Per-channel sums of the backward pass, in the accumulation dtype."""
+
+    sum_g: Tensor  # sum of g = dL/dz over the channel: dbeta
+    sum_gx: Tensor  # sum of g * xhat: dgamma
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    """y = act(bn(x) + residual), bn normalizing with the batch's statistics (batch given)
+    or with the running ones (running given); exactly one of the two."""
+
+    x: Tensor
+    weight: Optional[Tensor]  # gamma, (C,); None: 1
+    bias: Optional[Tensor]  # beta, (C,); None: 0
+    eps: float
+    activation: Optional[str]  # activations.ACTIVATIONS
+    residual: Optional[Tensor]  # like x: added to bn(x) before the activation
+    y: Optional[Tensor]  # written; None: only the statistics are wanted (batch_stats)
+    running: Optional[Normalizer] = None  # eval: (running mean, running var)
+    batch: Optional[BatchStats] = None  # training: written with x's statistics
+
+    def __post_init__(self):
+        if (self.running is None) == (self.batch is None):
+            raise ValueError("a ForwardCall normalizes with exactly one of running and batch")
+
+
+@dataclass(frozen=True)
+class BackwardCall:
+    """The gradients of y = act(bn(x) + residual) from grad_y = dL/dy.
+
+    With g = dL/dz (dL/dy through the activation's derivative), xhat = (x - mean) * rstd:
+      sums  (sum g, sum g*xhat), over this x
+      dx    through_batch_stats: gamma * rstd * (g - sum_g/count - xhat * sum_gx/count),
+            the sums being given_sums where given (count: given_count), else this x's
+            (count: N*S); otherwise (eval: constant statistics) gamma * rstd * g
+      dres  g, the residual's gradient (only asked for with an activation; without one it
+            is grad_y itself, which the caller passes on)
+    """
+
+    grad_y: Tensor
+    x: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]  # read only to recompute z for an activation
+    eps: float
+    activation: Optional[str]
+    residual: Optional[Tensor]  # silu/gelu after a residual: to recompute z
+    output: Optional[Tensor]  # relu after a residual: the forward's y (relu' = y > 0)
+    stats: Normalizer  # what the forward normalized with
+    through_batch_stats: bool  # the statistics depend on x (training, SyncBatchNorm)
+    dx: Optional[Tensor] = None  # written where given
+    dres: Optional[Tensor] = None  # written where given
+    sums: Optional[GradSums] = None  # written where given
+    given_sums: Optional[GradSums] = None  # sums made elsewhere (SyncBatchNorm's global ones)
+    given_count: Optional[Tensor] = None  # (C,): the values each given sum is over
+
+    def __post_init__(self):
+        if (self.given_sums is None) != (self.given_count is None):
+            raise ValueError("given_sums and given_count come together")
+        if self.residual is not None and self.output is not None:
+            raise ValueError("z is recomputed from the residual, or relu's mask read from "
+                             "the output: not both")
+        if self.output is not None and self.activation != "relu":
+            raise ValueError("the saved output serves only as relu's mask")
+
+
+class Backend(abc.ABC):
+    """One implementation of the passes: backends/triton and backends/cuda (as
+    LauncherBackend), backends/reference.py (plain torch)."""
+
+    name: str  # what BNKERNELS_BACKEND calls it
+
+    @abc.abstractmethod
+    def forward(self, call: ForwardCall) -> None:
+        """Writes call.y (where given) and, in training, call.batch."""
+
+    @abc.abstractmethod
+    def backward(self, call: BackwardCall) -> None:
+        """Writes call.dx, call.dres and call.sums, each where given."""
+
+    def launch_counts(self) -> dict:
+        """Kernel launches so far, by pass (reduce, merge, apply, fused): the tests read it to
+        prove the kernels ran. A backend without kernels launches none."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<bnkernels backend {self.name!r}>"
+
+
+class LauncherBackend(Backend):
+    """A backend whose passes are a launcher's forward(call) and backward(call) functions
+    (the Triton and CUDA backends: each has its launch.py)."""
+
+    def __init__(self, name: str, forward: Callable[[ForwardCall], None],
+                 backward: Callable[[BackwardCall], None], launch_counts: Callable[[], dict]):
+        self.name = name
+        self._forward, self._backward, self._launch_counts = forward, backward, launch_counts
+
+    def forward(self, call: ForwardCall) -> None:
+        self._forward(call)
+
+    def backward(self, call: BackwardCall) -> None:
+        self._backward(call)
+
+    def launch_counts(self) -> dict:
+        return self._launch_counts()

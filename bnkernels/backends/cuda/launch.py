@@ -1,0 +1,129 @@
+"""The CUDA C++ backend's launcher: a ForwardCall or BackwardCall (backends/contract.py)
+as one BnkCall (csrc/bnk_api.h), filled here and passed by pointer: raw pointers, (N, C, S)
+sizes, each tensor's (sN, sC, sS) strides in elements (channels_last and strided views are
+read in place), the block plan (plan.py), and torch's current CUDA stream. On CPU tensors
+(BNKERNELS_CUDA_EMULATE=1) the emulation build runs the same kernels, for the tests.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+
+from ...activations import code
+from ...layout import acc_dtype, ncs_shape, ncs_strides
+from ..contract import BackwardCall, ForwardCall, Normalizer
+from . import library as cuda_library
+from .library import DTYPE_CODES, BnkCall
+from .plan import block_plan
+
+# The vectors whose dtype the kernels take from the call (the sums are in the acc dtype).
+_DTYPE_FIELDS = {"weight": "weight_dtype", "bias": "bias_dtype", "mean": "stat_dtype"}
+
+
+class Launch:
+    """One BnkCall over x: shapes, plan, stream; tensors are added by role."""
+
+    def __init__(self, x: torch.Tensor, eps: float, activation: int, training: bool):
+        self.device = x.device
+        self.acc = acc_dtype(x.dtype)
+        n, c, s = ncs_shape(x)
+        sn, sc, ss = ncs_strides(x)
+        channels_fast = sc == 1 and c > 1
+        plan = block_plan(n, c, s, channels_fast, x.device)
+        k = self.k = BnkCall()
+        k.n, k.c, k.s = n, c, s
+        k.x.ptr, k.x.sn, k.x.sc, k.x.ss = x.data_ptr(), sn, sc, ss
+        k.dtype = DTYPE_CODES[x.dtype]
+        k.eps, k.activation, k.training = eps, activation, training
+        k.count = n * s  # the values each sum of the three-path dx is over
+        k.channels_fast = channels_fast
+        k.threads, k.block_c, k.splits, k.rows_per_split = plan
+        self.keep = [x]  # every tensor the call points into lives until it returns
+        if plan.splits > 1:
+            # forward: (K, mean, var, sum) per split and channel; backward: (sum g, sum g*xhat)
+            k.workspace = self._keep(torch.empty(4 * plan.splits * c, dtype=self.acc,
+                                                 device=x.device))
+        if x.device.type == "cuda":
+            k.device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            k.stream = torch.cuda.current_stream(x.device).cuda_stream
+
+    def _keep(self, t: torch.Tensor) -> int:
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def tensor(self, role: str, t: Optional[torch.Tensor]) -> None:
+        """An element tensor (g, res, y, out, dres), read in place through its strides."""
+        if t is None:
+            return
+        field = getattr(self.k, role)
+        field.ptr = self._keep(t)
+        field.sn, field.sc, field.ss = ncs_strides(t)
+
+    def vector(self, role: str, t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None):
+        """A (C,) vector; the kernels index it densely. dtype: convert to it first."""
+        if t is None:
+            return
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        setattr(self.k, role, self._keep(t.contiguous()))
+        if role in _DTYPE_FIELDS:
+            setattr(self.k, _DTYPE_FIELDS[role], DTYPE_CODES[t.dtype])
+
+    def statistics(self, stats: Normalizer) -> None:
+        """A Normalizer: the mean, and rstd or a variance through one field."""
+        self.vector("mean", stats.mean)
+        given_var = stats.var is not None
+        self.vector("rstd_or_var", stats.var if given_var else stats.rstd, dtype=stats.mean.dtype)
+        self.k.given_var = given_var
+
+    def outputs(self, *stats: Optional[torch.Tensor]) -> None:
+        for i, t in enumerate(stats):
+            self.k.stats_out[i] = None if t is None else self._keep(t)
+
+    def run(self, entry: str) -> None:
+        lib = cuda_library.library(self.device)
+        err = getattr(lib, entry)(ctypes.byref(self.k))
+        if err:
+            raise RuntimeError(f"bnkernels CUDA backend: {entry} failed: "
+                               f"{lib.bnk_error_string(err).decode()}")
+
+
+def forward(call: ForwardCall) -> None:
+    launch = Launch(call.x, call.eps, code(call.activation), call.batch is not None)
+    launch.tensor("out", call.y)
+    launch.tensor("res", call.residual)
+    launch.vector("weight", call.weight)
+    launch.vector("bias", call.bias)
+    if call.batch is not None:
+        launch.outputs(call.batch.mean, call.batch.rstd, call.batch.var)
+    else:
+        launch.statistics(call.running)
+    launch.run("bnk_forward")
+
+
+def backward(call: BackwardCall) -> None:
+    x = call.x
+    launch = Launch(x, call.eps, code(call.activation), call.through_batch_stats)
+    launch.tensor("g", call.grad_y.to(x.dtype))  # csrc/ reads every element tensor as x's dtype
+    launch.tensor("res", call.residual)
+    launch.tensor("y", call.output)
+    launch.tensor("out", call.dx)
+    launch.tensor("dres", call.dres)
+    launch.vector("weight", call.weight)
+    launch.vector("bias", call.bias)
+    launch.statistics(call.stats)
+    if call.given_sums is not None:
+        launch.vector("sum_g", call.given_sums.sum_g, dtype=launch.acc)
+        launch.vector("sum_gx", call.given_sums.sum_gx, dtype=launch.acc)
+        launch.vector("channel_count", call.given_count, dtype=launch.acc)
+    elif call.sums is not None or call.through_batch_stats:
+        sums = call.sums
+        if sums is None:  # the three-path dx needs them: reduced here, not returned
+            sums = tuple(torch.empty(x.shape[1], dtype=launch.acc, device=x.device)
+                         for _ in range(2))
+        else:
+            sums = (sums.sum_g, sums.sum_gx)
+        launch.outputs(*sums)
+    launch.run("bnk_backward")

@@ -1,0 +1,85 @@
+"""The Triton backend's launch shape: the tile, the grid, and how the kernels index.
+
+Rows are the flattened (n, s) pairs of a channel: r = n * S + s. When every tensor of a
+launch has sN == S * sS (channels_last, 2-D inputs, N == 1 or S == 1) a row is one stride
+away from the next and the kernels skip the per-element division r // S ("flat rows").
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence, Tuple
+
+import torch
+
+from ...layout import Strides, device_index, ncs_shape, ncs_strides, next_pow2, sm_count
+
+# Elements per program tile. The interpreter runs a tile as one numpy operation, so it
+# wants big tiles; the GPU wants tiles that fit the registers of one program.
+GPU_TILE = 2048
+INTERPRETER_TILE = 16384
+# Programs the interpreter should aim for (it runs them one after another).
+INTERPRETER_PROGRAMS = 4
+# Channels per program of the per-channel merge kernel.
+MERGE_BLOCK_C = 256
+
+
+class KernelLayout(NamedTuple):
+    flat_rows: bool
+    index_64: bool
+    strides: Tuple[Strides, ...]  # per tensor, in the order given; sS is the row stride when flat
+
+
+def kernel_layout(tensors: Sequence[torch.Tensor], block_c: int, block_r: int) -> KernelLayout:
+    n, c, s = ncs_shape(tensors[0])
+    strides = [ncs_strides(t) for t in tensors]
+    flat = all(n == 1 or s == 1 or sn == s * ss for sn, _, ss in strides)
+    if flat:
+        # a row is one stride away from the next: sN when S == 1, sS otherwise
+        strides = [(sn, sc, sn if s == 1 else ss) for sn, sc, ss in strides]
+    # A bound on every offset a lane forms, masked lanes of the last tiles included
+    # (rows up to n*s + block_r); past int32, the kernels index in int64.
+    if flat:
+        reach = max((n * s + block_r) * ss + (c + block_c) * sc for _, sc, ss in strides)
+    else:
+        reach = max((n + block_r // s + 1) * sn + s * ss + (c + block_c) * sc
+                    for sn, sc, ss in strides)
+    return KernelLayout(flat, max(reach, n * s + block_r) >= 2**31 - 1, tuple(strides))
+
+
+def target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * sm_count(device_index(device))
+    return INTERPRETER_PROGRAMS
+
+
+class LaunchPlan(NamedTuple):
+    block_c: int
+    block_r: int
+    c_blocks: int
+    splits: int  # programs sharing one channel block, each over rows_per_split rows
+    rows_per_split: int
+    num_warps: int
+
+
+def launch_plan(n: int, c: int, s: int, channels_fast: bool, device: torch.device) -> LaunchPlan:
+    """Tile shape and grid for the reduction and elementwise kernels.
+
+    channels_fast (channels_last): the tile is wide along C, the contiguous axis.
+    Otherwise (NCHW): the tile is long along rows and holds few channels.
+    A channel's rows are then split over as many programs as fill the device, so that
+    64 channels at 112x112 and 2048 channels at 7x7 both use every SM.
+    """
+    rows = n * s
+    tile = GPU_TILE if device.type == "cuda" else INTERPRETER_TILE
+    if channels_fast:
+        block_c = min(next_pow2(c), 64)
+        block_r = min(next_pow2(rows), max(1, tile // block_c))
+    else:
+        block_r = min(next_pow2(rows), tile)
+        block_c = min(next_pow2(c), max(1, tile // block_r))
+    c_blocks = -(-c // block_c)
+    r_tiles = max(1, -(-rows // block_r))
+    splits = max(1, min(r_tiles, target_programs(device) // c_blocks))
+    tiles_per_split = -(-r_tiles // splits)
+    splits = -(-r_tiles // tiles_per_split)  # no split is left without rows
+    num_warps = 8 if block_c * block_r >= 2048 else 4
+    return LaunchPlan(block_c, block_r, c_blocks, splits, tiles_per_split * block_r, num_warps)
