@@ -76,6 +76,6 @@ setup(
     # torch is not pinned here: pick the build for your machine (see the README).
     install_requires=["torch>=2.6", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "onnx", "onnxruntime",
-                             "onnxscript", "scikit-learn", "matplotlib"],
+                             "onnxscript", "scikit-learn", "matplotlib", "torchvision", "timm"],
                     "bench": ["matplotlib"]},
 )

@@ -24,21 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bnkernels  # noqa: E402
 import common  # noqa: E402
+from models import resnet50  # noqa: E402
 
 COLUMNS = ["model", "variant", "mode", "dtype", "batch", "median_ms", "p20_ms", "p80_ms",
            "speedup", "max_abs_diff", "device", "torch", "triton", "commit"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resnet50():
-    try:
-        import torchvision
-
-        return torchvision.models.resnet50(), "torchvision_resnet50"
-    except ImportError:
-        import resnet
-
-        return resnet.resnet50(), "bench_resnet50"
 
 
 def _randomize_bn(model):

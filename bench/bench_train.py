@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bnkernels  # noqa: E402
 import common  # noqa: E402
-from bench_fold import resnet50  # noqa: E402
+from models import resnet50  # noqa: E402
 
 VARIANTS = ["torch_batchnorm", "bnkernels", "bnkernels_fused", "torch_batchnorm+compile",
             "bnkernels_fused+compile"]

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bnkernels  # noqa: E402
 import common  # noqa: E402
-from bench_fold import resnet50  # noqa: E402
+from models import resnet50  # noqa: E402
 
 COLUMNS = ["model", "variant", "batch", "size", "dtype", "saved_mb", "device", "torch",
            "commit"]

@@ -55,3 +55,27 @@ def grad(g: torch.Tensor, z: torch.Tensor, activation: Optional[str]) -> torch.T
         pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
         return g * (cdf + z * pdf)
     return g
+
+
+# Activation modules that compute exactly one of ours (timm's by name: bnkernels does not
+# import timm). Exact types: a subclass may change forward.
+_MODULES = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu"}
+_NAMED_MODULES = {"timm.layers.activations.GELU": "gelu", "timm.layers.activations.Swish": "silu"}
+
+
+def of_module(module: torch.nn.Module) -> "tuple[bool, Optional[str]]":
+    """(True, name) if module computes activation `name` (None: nn.Identity) exactly as the
+    kernels do, else (False, None)."""
+    kind = type(module)
+    if kind is torch.nn.Identity:
+        return True, None
+    if kind is torch.nn.GELU:
+        return (True, "gelu") if module.approximate == "none" else (False, None)
+    name = _MODULES.get(kind) or _NAMED_MODULES.get(f"{kind.__module__}.{kind.__qualname__}")
+    return (name is not None), name
+
+
+def module_of(activation: Optional[str]) -> torch.nn.Module:
+    """The torch module computing activation (nn.Identity for None)."""
+    return {None: torch.nn.Identity, "relu": torch.nn.ReLU, "silu": torch.nn.SiLU,
+            "gelu": torch.nn.GELU}[check(activation)]()

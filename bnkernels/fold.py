@@ -15,11 +15,19 @@ from its source instead: a child the code only ever calls whole (`self.seq(x)`, 
 other child are left. Adjacent (layer, BN) children of an nn.Sequential that does not trace
 fold under the same rule.
 
+The BatchNorms: torch's and bnkernels' (subclasses included), and the frozen ones of
+torchvision and timm (FrozenBatchNorm2d: constant statistics and affine, as buffers). What
+a BN module applies after normalizing stays: the activation of bnkernels' BatchNormAct*,
+the drop and act modules of timm's BatchNormAct2d and FrozenBatchNormAct2d (and of
+bnkernels' BatchNormDropAct2d). A subclass with other submodules is left: its forward may
+apply them in ways the fold cannot keep.
+
 The fold itself is module surgery on the model: the layer gets the folded weight and bias
-(fold_math.py), and the BN is replaced by a FoldedBatchNorm, an identity that checks its
-input has the layer's batched rank (the one case where the math would not hold is a
-Linear on a 3-D input, whose features are not on dim 1). The model keeps its class and its
-forward code; BNs that stay are swapped for bnkernels' (their eval kernel).
+(fold_math.py), and the BN is replaced by a FoldedBatchNorm, which checks its input has
+the layer's batched rank (the one case where the math would not hold is a Linear on a 3-D
+input, whose features are not on dim 1) and then applies what the BN applied after
+normalizing (nothing, for a plain BN). The model keeps its class and its forward code; BNs
+that stay are swapped for bnkernels' (their eval kernel).
 """
 from __future__ import annotations
 
@@ -30,14 +38,16 @@ import inspect
 import logging
 import textwrap
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .replace import replace_batchnorms
+from . import activations
 from .fold_math import fold_bn_into_weights
+from .modules import _BatchNormActForward
+from .replace import is_frozen_batchnorm, qualified_name, replace_batchnorms
 
 log = logging.getLogger("bnkernels.fold")
 
@@ -59,13 +69,42 @@ class FoldReport:
         return "\n".join(lines)
 
 
-class FoldedBatchNorm(nn.Module):
-    """Stands where a BatchNorm was folded into the layer before it: passes its input
-    through, after checking it has the rank the fold assumed (channels on dim 1)."""
+# Classes whose forward is the BatchNorm, then self.drop, then self.act.
+_DROP_ACT = ("timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.FrozenBatchNormAct2d",
+             "bnkernels.norm_act.BatchNormDropAct2d")
 
-    def __init__(self, num_features: int, rank: int):
+
+def is_batchnorm(m: nn.Module) -> bool:
+    """A module fold_conv_bn can fold: a BatchNorm, or a frozen one."""
+    return isinstance(m, _BatchNorm) or is_frozen_batchnorm(m)
+
+
+def after_norm(bn: nn.Module) -> Optional[Dict[str, nn.Module]]:
+    """The modules bn applies, in order, after normalizing; None where that is unknown (a
+    subclass with submodules of its own)."""
+    if isinstance(bn, _BatchNormActForward):
+        return {"act": activations.module_of(bn.activation)}
+    if qualified_name(bn) in _DROP_ACT:
+        return {"drop": bn.drop, "act": bn.act}
+    return None if len(bn._modules) else {}
+
+
+def _num_features(bn: nn.Module) -> int:
+    return bn.running_mean.numel()
+
+
+class FoldedBatchNorm(nn.Module):
+    """Stands where a BatchNorm was folded into the layer before it: checks its input has
+    the rank the fold assumed (channels on dim 1), then applies what the BatchNorm applied
+    after normalizing (its `after` modules, under their names: a state_dict keeps their
+    keys), if anything."""
+
+    def __init__(self, num_features: int, rank: int,
+                 after: Optional[Dict[str, nn.Module]] = None):
         super().__init__()
         self.num_features, self.rank = num_features, rank
+        for name, module in (after or {}).items():
+            self.add_module(name, module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.rank:
@@ -73,6 +112,8 @@ class FoldedBatchNorm(nn.Module):
                 f"a BatchNorm folded by bnkernels.fold_conv_bn expected a {self.rank}-D input "
                 f"(channels on dim 1) and got {x.dim()}-D: the fold does not hold for this "
                 "input; use the unfolded model")
+        for module in self._modules.values():
+            x = module(x)
         return x
 
     def extra_repr(self) -> str:
@@ -83,7 +124,7 @@ class _LeafTracer(fx.Tracer):
     """BatchNorms and foldable layers stay call_module nodes (bnkernels' BN included)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _BatchNorm) or type(m) in FOLDABLE or super().is_leaf_module(m, qualname)
+        return is_batchnorm(m) or type(m) in FOLDABLE or super().is_leaf_module(m, qualname)
 
 
 class _Analysis:
@@ -108,7 +149,7 @@ class _Analysis:
                 self.visit_sequential(module, prefix)
             whole_only = _children_only_called_whole(module)
             for name, child in module.named_children():
-                if isinstance(child, _BatchNorm) or type(child) in FOLDABLE:
+                if is_batchnorm(child) or type(child) in FOLDABLE:
                     continue
                 if name in whole_only:
                     self.visit(child, prefix + name + ".")
@@ -123,7 +164,7 @@ class _Analysis:
         calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
         read_attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
         for node in graph.nodes:
-            if node.op != "call_module" or not isinstance(module.get_submodule(node.target), _BatchNorm):
+            if node.op != "call_module" or not is_batchnorm(module.get_submodule(node.target)):
                 continue
             src = node.args[0] if node.args else None
             layer_target = src.target if isinstance(src, fx.Node) and src.op == "call_module" else None
@@ -145,14 +186,14 @@ class _Analysis:
     def visit_sequential(self, seq: nn.Sequential, prefix: str) -> None:
         names = list(seq._modules)
         for i, name in enumerate(names):
-            if isinstance(seq._modules[name], _BatchNorm):
+            if is_batchnorm(seq._modules[name]):
                 layer = names[i - 1] if i > 0 else None
                 self.record(prefix + name, prefix + layer if layer else None,
                             self.why_not(seq, name, layer))
 
     def leave_inside(self, module: nn.Module, prefix: str, why: str) -> None:
         for name, m in module.named_modules():
-            if isinstance(m, _BatchNorm):
+            if is_batchnorm(m):
                 self.record(prefix + name if name else prefix.rstrip("."), None, why)
 
     def why_not(self, owner: nn.Module, bn_name: str, layer_name) -> "str | None":
@@ -160,6 +201,9 @@ class _Analysis:
         bn = owner.get_submodule(bn_name)
         if bn.running_mean is None or bn.running_var is None:
             return "no running statistics (track_running_stats=False)"
+        if after_norm(bn) is None:
+            return (f"{type(bn).__name__} has submodules of its own, which its forward may "
+                    "apply in ways the fold cannot keep")
         if layer_name is None:
             return "its input is not the output of a module"
         layer = owner.get_submodule(layer_name)
@@ -173,8 +217,8 @@ class _Analysis:
                                                       *bn.buffers())):
             return "a tensor of the layer or the BatchNorm is shared with another module"
         out_channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        if out_channels != bn.num_features:
-            return f"channel counts differ ({out_channels} vs {bn.num_features})"
+        if out_channels != _num_features(bn):
+            return f"channel counts differ ({out_channels} vs {_num_features(bn)})"
         return None
 
     def record(self, bn_name: str, layer_name, why) -> None:
@@ -242,7 +286,7 @@ def _fold_pair(model: nn.Module, layer_name: str, bn_name: str) -> None:
     layer.bias = nn.Parameter(bias, requires_grad=bias_grad)
     parent_name, _, child = bn_name.rpartition(".")
     setattr(model.get_submodule(parent_name), child,
-            FoldedBatchNorm(bn.num_features, FOLDABLE[type(layer)]))
+            FoldedBatchNorm(_num_features(bn), FOLDABLE[type(layer)], after_norm(bn)))
 
 
 def fold_conv_bn(model: nn.Module, inplace: bool = False, return_report: bool = False):
@@ -261,7 +305,7 @@ def fold_conv_bn(model: nn.Module, inplace: bool = False, return_report: bool = 
     model.eval()
     analysis = _Analysis(model)
     report = FoldReport()
-    bn_names = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and n]
+    bn_names = [n for n, m in model.named_modules() if is_batchnorm(m) and n]
     for bn_name in bn_names:
         if bn_name in analysis.pairs:
             _fold_pair(model, analysis.pairs[bn_name], bn_name)

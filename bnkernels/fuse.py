@@ -6,7 +6,8 @@ On the traced graph it rewrites
     bn(x) -> add(., r)              into  BatchNormAct(x, r)          activation = None
 (when both operands of the add are BatchNorms, the first one takes it: bn3(..) + downsample)
 where bn is an nn.BatchNorm1d/2d/3d (torch's or bnkernels'), act is a ReLU, SiLU or GELU
-(erf form) as a module, function or method, and add is +, +=, torch.add or Tensor.add(_)
+(erf form) as a module (activations.of_module: timm's too), function or method, and add
+is +, +=, torch.add or Tensor.add(_)
 without alpha. A pattern is fused only when nothing else can see what the fusion removes:
 the BN is called once and registered once, and each intermediate result (the BN output,
 the sum) has that one user. An in-place add_ is fused only when it writes into the BN
@@ -30,14 +31,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import modules
-from .replace import converted, replace_batchnorms
+from . import activations, modules
+from .replace import ConvertReport, converted, replace_batchnorms
 
 _FUSED = {nn.BatchNorm1d: modules.BatchNormAct1d, modules.BatchNorm1d: modules.BatchNormAct1d,
           nn.BatchNorm2d: modules.BatchNormAct2d, modules.BatchNorm2d: modules.BatchNormAct2d,
           nn.BatchNorm3d: modules.BatchNormAct3d, modules.BatchNorm3d: modules.BatchNormAct3d}
 
-_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
                   F.silu: "silu", F.gelu: "gelu"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu"}
@@ -61,10 +61,7 @@ def _activation(node: fx.Node, gm: fx.GraphModule, src: fx.Node):
     extra.pop("inplace", None)  # the activation's input has no other user: in place or not
     name = None
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        name = _ACT_MODULES.get(type(module))
-        if name == "gelu" and module.approximate != "none":
-            name = None
+        name = activations.of_module(gm.get_submodule(node.target))[1]
     elif node.op == "call_function":
         name = _ACT_FUNCTIONS.get(node.target)
         if name == "gelu" and extra.pop("approximate", "none") != "none":
@@ -101,15 +98,16 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent), name, module)
 
 
-def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """The fused GraphModule described above (or, untraceable, replace_batchnorms(model))."""
+def fuse_batchnorm(model: nn.Module, report: Optional[ConvertReport] = None) -> nn.Module:
+    """The fused GraphModule described above (or, untraceable, replace_batchnorms(model)).
+    report: filled with what was fused, converted and left."""
     try:
         graph = _Tracer().trace(model)
     except Exception as error:  # data-dependent control flow, untraceable ops, ...
         warnings.warn(f"convert_batchnorm(fuse=True): {type(model).__name__} does not trace "
                       f"with torch.fx ({type(error).__name__}: {error}); its BatchNorms are "
                       "converted without fusing their epilogues", stacklevel=3)
-        return replace_batchnorms(model)
+        return replace_batchnorms(model, report)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     registered = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -148,6 +146,10 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
         fused_bn = converted(bn, _FUSED[type(bn)], activation=activation)
         fused_bn._unfused_if_mismatch = residual is not None  # the add may have broadcast
         _set_submodule(gm, bn_node.target, fused_bn)
+        if report is not None:
+            report.converted.append((bn_node.target, type(bn).__name__))
+            report.fused.append((bn_node.target, ("add + " if residual is not None else "")
+                                 + (activation or "")))
     graph.lint()
     gm.recompile()
-    return replace_batchnorms(gm)
+    return replace_batchnorms(gm, report)

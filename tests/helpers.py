@@ -174,3 +174,17 @@ def bn_pair(dim, c, dtype, device, **kwargs):
     ours = ours_cls(c, **kwargs).to(device, dtype)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
+
+
+def assert_onnx_export_matches(folded, model, x, path, dynamo=False):
+    """folded exported to ONNX (no BatchNormalization node left) and run in onnxruntime
+    gives model(x)."""
+    import onnx
+    import onnxruntime as ort
+    torch.onnx.export(folded, (x,), str(path), dynamo=dynamo)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)

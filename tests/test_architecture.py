@@ -22,7 +22,7 @@ LAYERS = [
     {"ops"},
     {"autograd"},
     {"functional"},
-    {"modules", "replace", "fuse", "convert", "fold_math", "fold", "sync_batch_norm"},
+    {"modules", "norm_act", "replace", "fuse", "convert", "fold_math", "fold", "sync_batch_norm"},
     {"selfcheck", "__init__"},
 ]
 

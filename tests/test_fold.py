@@ -11,6 +11,7 @@ from torch import nn
 import bnkernels
 from bnkernels.fold import FoldedBatchNorm
 from bnkernels.fold_math import fold_bn_into_weights
+from helpers import assert_onnx_export_matches
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import resnet  # noqa: E402
@@ -216,20 +217,13 @@ def test_half_precision_fold_is_accurate(dtype):
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo_exporter", "torchscript_exporter"])
 def test_onnx_export_has_no_batchnorm(dynamo, tmp_path):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = randomize_bn(resnet.tiny_resnet()).eval()
     folded = bnkernels.fold_conv_bn(model)
-    x = torch.randn(2, 3, 32, 32)
-    path = tmp_path / "folded.onnx"
-    torch.onnx.export(folded, (x,), str(path), dynamo=dynamo)
-    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert "BatchNormalization" not in ops and "Conv" in ops
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
+    assert_onnx_export_matches(folded, model, torch.randn(2, 3, 32, 32),
+                               tmp_path / "folded.onnx", dynamo)
 
 
 class ReachesIntoItsSequential(DataDependent):
@@ -277,3 +271,16 @@ def test_global_hooks_leave_every_pair():
     finally:
         handle.remove()
     assert "hooks" in report.left[0][1]
+
+
+def test_a_fused_model_folds_with_its_activations():
+    """convert_batchnorm(fuse=True) then fold_conv_bn: a folded BatchNormAct keeps its
+    activation (the fold once dropped it), and the model computes what it did."""
+    torch.manual_seed(0)
+    model = randomize_bn(resnet.tiny_resnet()).eval()
+    fused = bnkernels.convert_batchnorm(model, fuse=True).eval()
+    folded, report = bnkernels.fold_conv_bn(fused, return_report=True)
+    assert report.folded
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
