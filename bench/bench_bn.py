@@ -53,6 +53,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
+# One torch.compile per function, with dynamic shapes: Inductor compiles once per
+# (op, dtype, layout) (its guards), not once per shape.
+_COMPILED = {}
+
+
+def _compiled(fn, fused, with_residual):
+    key = (fused, with_residual)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=True)
+    return _COMPILED[key]
+
+
 class _Case:
     """Fresh inputs for one (op, shape, dtype, layout, provider) and the call to time."""
 
@@ -84,7 +96,7 @@ class _Case:
         else:
             fn = functools.partial(_unfused, residual=self.residual) if fused else F.batch_norm
             if provider == "inductor":
-                fn = torch.compile(fn)
+                fn = _compiled(fn, fused, self.residual is not None)
         self.provider, self.op = provider, op
 
         def forward(x):

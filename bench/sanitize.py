@@ -2,6 +2,7 @@
 
     compute-sanitizer --tool memcheck  python bench/sanitize.py [triton,cuda]
     compute-sanitizer --tool racecheck python bench/sanitize.py [triton,cuda]
+    python bench/sanitize.py triton,cuda --smoke    the first shape only (a CPU dry run)
 
 On each backend named (default both): NCHW and channels_last, training and eval, float32
 and bfloat16, odd sizes (masked tails), one block per channel and many (split rows), and
@@ -32,10 +33,10 @@ def _outputs(shape, fmt, dtype, training, device):
     return (y, z, x.grad, r.grad, bn.weight.grad, bn.bias.grad, bn.running_var, act.weight.grad)
 
 
-def run(backend: str, device: str) -> int:
+def run(backend: str, device: str, shapes=SHAPES) -> int:
     os.environ["BNKERNELS_BACKEND"] = backend
     bad = 0
-    for shape in SHAPES:
+    for shape in shapes:
         for fmt in (torch.contiguous_format, torch.channels_last):
             for dtype in (torch.float32, torch.bfloat16):
                 for training in (True, False):
@@ -45,12 +46,14 @@ def run(backend: str, device: str) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    shapes = SHAPES[:1] if "--smoke" in argv else SHAPES
+    argv = [a for a in argv if a != "--smoke"]
     backends = (argv[0] if argv else "triton,cuda").split(",")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bad = 0
     for backend in backends:
-        found = run(backend, device)
+        found = run(backend, device, shapes)
         if device == "cuda":
             torch.cuda.synchronize()
         print(f"sanitize run, {backend}:", f"{found} non-finite outputs" if found

@@ -79,3 +79,29 @@ def kernel_backend(request, monkeypatch):
         pytest.skip("no CUDA toolkit to build csrc/ with")
     monkeypatch.setenv("BNKERNELS_BACKEND", request.param)
     return request.param
+
+
+# A per-test timeout where BNKERNELS_TEST_TIMEOUT is set (bench/gpu_suite.py sets it): a
+# hung test fails with a TimeoutError instead of eating the GPU run's time. SIGALRM, so
+# it needs no plugin; only on the main thread, where signals are delivered.
+_TEST_TIMEOUT = int(os.environ.get("BNKERNELS_TEST_TIMEOUT", "0") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    import signal
+    import threading
+    if not _TEST_TIMEOUT or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _expired(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past BNKERNELS_TEST_TIMEOUT={_TEST_TIMEOUT} s")
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.alarm(_TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -4,6 +4,8 @@ import csv
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_bn  # noqa: E402
@@ -56,3 +58,23 @@ def test_launch_bench_smoke(tmp_path):
     assert seen == {(op, p) for op in bench_launch.OPS for p in bench_launch.PROVIDERS
                     if not (op == "train_step" and p in launchers)}
     assert all(float(r["host_us_median"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("stage", ["env_tests", "core", "extras", "sanitize", "ncu"])
+def test_gpu_suite_stage_dry_run(stage, tmp_path):
+    """Each stage of bench/gpu_suite.py runs its plumbing on CPU (--dry-run): its files are
+    written, at most 8, no folder, with its estimate and elapsed time, and every command
+    it ran exited 0 (the GPU tools are named, not run)."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu_suite.py"), stage,
+                           "--out", str(tmp_path), "--dry-run"], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = list(tmp_path.iterdir())
+    assert len(files) <= 8 and all(f.is_file() for f in files), files
+    number = ["env_tests", "core", "extras", "sanitize", "ncu"].index(stage) + 1
+    summary = (tmp_path / f"stage{number}.txt").read_text()
+    assert "estimate" in summary and "elapsed" in summary
+    assert "on an H100" in done.stdout and "elapsed" in done.stdout
