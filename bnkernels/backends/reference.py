@@ -61,17 +61,22 @@ def pre_activation(x, mean, rstd, weight, bias, residual):
     return z
 
 
+def _forward_stats(x, running_mean, running_var, training, eps):
+    """(mean, rstd, var): x's batch statistics in training (var biased), the running mean
+    and 1/sqrt(running_var + eps) in eval (var None)."""
+    if training:
+        mean, var = batch_stats(x)
+        return mean, torch.rsqrt(var + eps), var
+    return (*mean_rstd(x, running_mean, None, running_var, eps), None)
+
+
 def forward(x, weight, bias, running_mean, running_var, training, eps, activation=None,
             residual=None):
     """(y, mean, rstd, var) of ops.batch_norm_fwd as pure tensor math (the statistics are
     empty in eval); y in the accumulation dtype."""
-    if training:
-        mean, var = batch_stats(x)
-        rstd = torch.rsqrt(var + eps)
-        stats = (mean, rstd, var)
-    else:
-        mean, rstd = mean_rstd(x, running_mean, None, running_var, eps)
-        stats = tuple(x.new_empty(0, dtype=rstd.dtype) for _ in range(3))
+    mean, rstd, var = _forward_stats(x, running_mean, running_var, training, eps)
+    stats = (mean, rstd, var) if training else tuple(x.new_empty(0, dtype=rstd.dtype)
+                                                      for _ in range(3))
     z = pre_activation(x, mean, rstd, weight, bias, residual)
     return (activations.apply(z, activation), *stats)
 
@@ -125,15 +130,12 @@ class TorchBackend(Backend):
     name = "torch"
 
     def forward(self, call: ForwardCall) -> None:
-        x = call.x
-        if call.batch is not None:
-            mean, var = batch_stats(x)
-            rstd = torch.rsqrt(var + call.eps)
-            for out, value in zip((call.batch.mean, call.batch.rstd, call.batch.var),
-                                  (mean, rstd, var)):
+        x, running, batch = call.x, call.running, call.batch
+        mean, rstd, var = _forward_stats(x, running and running.mean, running and running.var,
+                                         batch is not None, call.eps)
+        if batch is not None:
+            for out, value in zip((batch.mean, batch.rstd, batch.var), (mean, rstd, var)):
                 out.copy_(value)
-        else:
-            mean, rstd = mean_rstd(x, call.running.mean, None, call.running.var, call.eps)
         if call.y is not None:
             z = pre_activation(x, mean, rstd, call.weight, call.bias, call.residual)
             call.y.copy_(activations.apply(z, call.activation))
