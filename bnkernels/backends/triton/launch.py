@@ -49,16 +49,16 @@ class Launch:
         named = {"x": x, **{k: t for k, t in others.items() if t is not None}}
         self.tensors = named
         self.layout = kernel_layout(tuple(named.values()), self.plan.block_c, self.plan.block_r)
-        self._strides = dict(zip(named, self.layout.strides))
+        strides = dict(zip(named, self.layout.strides))
+        # every role's (sN, sC, sS), flattened in _ROLES order: what the kernels take
+        self.element_strides = tuple(v for role in _ROLES
+                                     for v in strides.get(role, strides["x"]))
         self.grid = (self.plan.c_blocks, self.plan.splits)
 
     def pointer(self, role: str) -> torch.Tensor:
         """The role's tensor, or x where the call has none (the kernel's constexpr
         switches leave that pointer unread)."""
         return self.tensors.get(role, self.x)
-
-    def element_strides(self) -> Tuple[int, ...]:
-        return tuple(v for role in _ROLES for v in self._strides.get(role, self._strides["x"]))
 
     def meta(self, activation: int, weight, bias, **switches):
         return dict(ACTIVATION=activation, HAS_RESIDUAL="res" in self.tensors,
@@ -81,7 +81,7 @@ class Launch:
         _launch(_reduce_kernel, self.grid, *(self.pointer(r) for r in reduce_roles),
                 _or_x(mean, x), _or_x(spread, x), _or_x(weight, x), _or_x(bias, x), part,
                 self.c, self.s, self.rows, plan.rows_per_split, eps,
-                *self.element_strides()[:3 * len(reduce_roles)],
+                *self.element_strides[:3 * len(reduce_roles)],
                 *_channel_strides(mean, spread, weight, bias),
                 **self.meta(activation, weight, bias, BACKWARD=backward,
                             FROM_VAR=backward and stats.var is not None))
@@ -105,7 +105,7 @@ class Launch:
                 count.contiguous() if per_channel else x,
                 self.c, self.s, self.rows, self.plan.rows_per_split, eps,
                 1 if per_channel or count is None else count,
-                *self.element_strides(),
+                *self.element_strides,
                 *_channel_strides(stats.mean, _spread_of(stats), weight, bias),
                 **self.meta(activation, weight, bias, BACKWARD=backward,
                             BATCH_STATS=batch_stats, FROM_VAR=stats.var is not None,
