@@ -1,6 +1,6 @@
 """Host time per call on small shapes, where launching is the whole cost: triton, cuda, torch.
 
-    python bench/bench_launch.py [--out DIR] [--calls 2000] [--smoke]
+    python bench/bench_launch.py [--out DIR] [--calls 2000] [--smoke | --cpu]
 
 Shapes: N = 1 and 8 at 7x7 (C = 512, 2048) and 14x14 (C = 256, 1024), ResNet-50's late
 stages, bfloat16, NCHW. Ops: fwd_eval (inference), fwd_train, train_step (forward and
@@ -16,6 +16,13 @@ Host time: time.perf_counter_ns around each call, not waiting for the GPU (media
 every 50 calls, outside the timed region, so a slow GPU never blocks a launch.
 Rows are appended to DIR/launch.csv (default bench/results/<gpu>/), with the device,
 versions and commit. --smoke: tiny run on CPU (interpreter / emulation), checks the harness.
+
+--cpu: the host path on this machine, no GPU needed. CPU tensors take the Triton backend's
+GPU host path (launch plan, argument binding, the pre-bound compiled-kernel launch), with
+the compiled kernel replaced by one whose launch, the driver call, does nothing; beside it
+torch.nn.functional.batch_norm on the same tiny CPU tensors (where its own compute is a
+few hundred elements). float32, shapes CPU_SHAPES; rows go to DIR/launch.csv (default
+bench/results/cpu/). Providers: bnkernels_triton, launch_triton, torch.
 """
 from __future__ import annotations
 
@@ -35,8 +42,10 @@ COLUMNS = ["op", "dtype", "N", "C", "H", "W", "provider", "host_us_median", "hos
            "host_us_p80", "calls", "gpu", "torch", "triton", "cuda", "commit"]
 SHAPES = [(n, c, hw, hw) for n in (1, 8) for c, hw in ((512, 7), (2048, 7), (256, 14),
                                                        (1024, 14))]
+CPU_SHAPES = [(2, 8, 3, 3), (8, 8, 7, 7)]
 OPS = ["fwd_eval", "fwd_train", "train_step"]
 PROVIDERS = ["bnkernels_triton", "bnkernels_cuda", "launch_triton", "launch_cuda", "torch"]
+CPU_PROVIDERS = ["bnkernels_triton", "launch_triton", "torch"]
 SYNC_EVERY = 50
 
 
@@ -58,9 +67,15 @@ def _call(op, provider, shape, dtype, device):
     fn = F.batch_norm if provider == "torch" else bnkernels.batch_norm
     if op != "train_step":
         return lambda: fn(x, rm, rv, weight, bias, training, 0.1, 1e-5)
-    leaf = x.detach().requires_grad_(True)
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
     grad = torch.randn_like(x)
-    return lambda: fn(leaf, rm, rv, weight, bias, True, 0.1, 1e-5).backward(grad)
+
+    def step():
+        for t in leaves:  # as optimizer.zero_grad() leaves them: no accumulation
+            t.grad = None
+        leaf, w, b = leaves
+        fn(leaf, rm, rv, w, b, True, 0.1, 1e-5).backward(grad)
+    return step
 
 
 def _host_times_us(fn, calls, device):
@@ -80,20 +95,41 @@ def _host_times_us(fn, calls, device):
     return statistics.median(samples), q[1], q[7]
 
 
+class _NoOpCompiled:
+    """A compiled kernel whose launch (the driver call) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args: None
+
+
+def _gpu_host_path_on_cpu() -> None:
+    """--cpu: CPU tensors launch as CUDA ones would, up to the driver call (a no-op)."""
+    from bnkernels.backends.triton import launch
+    launch.cpu_launch = launch._bound_launch
+    launch._first_launch = lambda kernel, grid, args, meta: _NoOpCompiled()
+
+
 def run(args) -> list:
-    device = "cpu" if args.smoke else "cuda"
+    device = "cpu" if args.smoke or args.cpu else "cuda"
     if device == "cpu":
         common.emulate_on_cpu()
+    providers = PROVIDERS
     shapes = [(2, 8, 3, 3)] if args.smoke else SHAPES
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    meta = dict(gpu=common.device_name(device), torch=torch.__version__,
+    gpu = common.device_name(device)
+    if args.cpu:
+        _gpu_host_path_on_cpu()
+        providers, shapes, dtype = CPU_PROVIDERS, CPU_SHAPES, torch.float32
+        gpu = f"{gpu} (host path; no-op GPU launch)"
+        torch.set_num_threads(1)  # torch's tiny CPU kernels: no thread pool start-up
+    meta = dict(gpu=gpu, torch=torch.__version__,
                 triton=common.triton_version(), cuda=torch.version.cuda or "none",
                 commit=common.commit())
     rows = []
     for op in OPS:
         for shape in shapes:
             line = []
-            for provider in PROVIDERS:
+            for provider in providers:
                 backend_name = provider.replace("launch_", "bnkernels_")
                 with common.backend_for(backend_name):
                     fn = _call(op, provider, shape, dtype, device)
@@ -113,17 +149,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--smoke", action="store_true", help="tiny run on CPU: harness check")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the GPU host path on this CPU, the driver call a no-op")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.smoke:
         args.calls = min(args.calls, 30)
-    elif not torch.cuda.is_available():
+    elif not args.cpu and not torch.cuda.is_available():
         print("bench_launch.py times launches on a CUDA GPU; there is none here (--smoke "
               "checks the harness).")
         return 2
     rows = run(args)
-    path = common.append_rows(args.out, "cpu" if args.smoke else "cuda", "launch.csv", COLUMNS,
-                              rows)
+    path = common.append_rows(args.out, "cpu" if args.smoke or args.cpu else "cuda",
+                              "launch.csv", COLUMNS, rows)
     print(f"{len(rows)} rows appended to {path}")
     return 0
 

@@ -31,9 +31,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import activations, ops
 from .backends import reference
+from .backends.contract import RunningUpdate, apply_update
 from .layout import acc_dtype
 
 
@@ -41,9 +43,11 @@ def _save(ctx, inputs, output) -> None:
     """What backward and jvp need (shared by both routes). xhat is never saved: it is
     recomputed from x, and with an activation z = bn(x) + residual too (bias and residual
     are saved for that)."""
-    x, weight, bias, running_mean, running_var, training, eps, activation, residual = inputs
+    x, weight, bias, running_mean, running_var, training, eps, activation, residual = inputs[:9]
     y, mean, rstd, var = output
     ctx.mark_non_differentiable(mean, rstd, var)  # statistics for the buffers, not the loss
+    # The statistics get no gradient: no zero-filled tensors for them in the backward.
+    ctx.set_materialize_grads(False)
     # Training: the float32 (float64) batch mean and rstd; eval: the running mean and var.
     stats = (mean, rstd, None) if training else (running_mean, None, running_var)
     fused = activation is not None
@@ -61,6 +65,8 @@ def _save(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y, bwd):
     """The gradients of batch_norm_fwd's inputs; bwd runs the backward op (the op itself,
     or BatchNormBackwardFunction.apply where it must be differentiable again)."""
+    if grad_y is None:  # y reached no loss (set_materialize_grads(False))
+        return (None,) * 9
     x, weight, bias, residual, output, mean, rstd, var = ctx.saved_tensors
     need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
     need_dres = ctx.needs_input_grad[8]
@@ -77,6 +83,18 @@ def _backward(ctx, grad_y, bwd):
             dres if need_dres else None)
 
 
+def _save_all(ctx, inputs, output) -> None:
+    """What BatchNormFunction's backward and jvp need."""
+    _save(ctx, inputs, output)
+    ctx.direct = inputs[10]
+    x, weight, bias, running_mean, running_var, training, _, _, residual = inputs[:9]
+    y, mean, rstd, var = output
+    # jvp: mean and a variance to normalize with, and (training) rstd for the backward
+    # op's three-path input gradient.
+    stats = (mean, var, rstd) if training else (running_mean, running_var, None)
+    ctx.save_for_forward(x, weight, bias, residual, y, *stats)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """(y, mean, rstd, var) = ops.batch_norm_fwd(...), differentiable in x, weight, bias and
     residual in every autograd mode."""
@@ -85,26 +103,26 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, training, eps, activation,
-                residual):
+                residual, update, direct):
+        # (update and direct: DirectBatchNormFunction's; here always None and False)
         return torch.ops.bnkernels.batch_norm_fwd(x, weight, bias, running_mean, running_var,
                                                   training, eps, activation, residual)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _save(ctx, inputs, output)
-        x, weight, bias, running_mean, running_var, training, _, _, residual = inputs
-        y, mean, rstd, var = output
-        # jvp: mean and a variance to normalize with, and (training) rstd for the backward
-        # op's three-path input gradient.
-        stats = (mean, var, rstd) if training else (running_mean, running_var, None)
-        ctx.save_for_forward(x, weight, bias, residual, y, *stats)
+        _save_all(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_rstd, _grad_var):
-        return _backward(ctx, grad_y, BatchNormBackwardFunction.apply)
+        # First order (no create_graph) on plain tensors: the op's body itself; else the
+        # Function that is differentiable again.
+        plain = ctx.direct and not torch.is_grad_enabled() and direct(grad_y)
+        return (*_backward(ctx, grad_y, ops.run_backward if plain else
+                           BatchNormBackwardFunction.apply), None, None)
 
     @staticmethod
-    def jvp(ctx, t_x, t_weight, t_bias, _t_rm, _t_rv, _t_training, _t_eps, _t_act, t_res):
+    def jvp(ctx, t_x, t_weight, t_bias, _t_rm, _t_rv, _t_training, _t_eps, _t_act, t_res,
+            _t_update, _t_direct):
         x, weight, bias, residual, y, mean, var, rstd = ctx.saved_tensors
         eps, activation = ctx.eps, ctx.activation
         terms = []
@@ -134,6 +152,25 @@ class BatchNormFunction(torch.autograd.Function):
         else:
             t_y = t_z
         return t_y, None, None, None
+
+
+class DirectBatchNormFunction(torch.autograd.Function):
+    """BatchNormFunction on the direct route (direct()): the same backward and jvp, an
+    old-style forward(ctx, ...). Why a second class: Function.apply binds a setup_context
+    Function's arguments through inspect.signature on every call (tens of microseconds of
+    host time); setup_context serves the functorch transforms, which never take this route."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation,
+                residual, update, direct):
+        output = ops.run_forward(x, weight, bias, running_mean, running_var, training, eps,
+                                 activation, residual, update)
+        _save_all(ctx, (x, weight, bias, running_mean, running_var, training, eps, activation,
+                        residual, update, direct), output)
+        return output
+
+    backward = staticmethod(BatchNormFunction.backward)
+    jvp = staticmethod(BatchNormFunction.jvp)
 
 
 class BatchNormBackwardFunction(torch.autograd.Function):
@@ -198,14 +235,60 @@ ops.batch_norm_fwd.register_autograd(_op_backward, setup_context=_save)
 ops.batch_norm_bwd.register_autograd(_op_double_backward, setup_context=_op_setup_backward)
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def direct(*tensors: Optional[Tensor]) -> bool:
+    """Whether eager mode may run the ops' bodies (ops.run_forward, ops.run_backward) itself,
+    past the dispatcher: plain tensors (no subclass, no functorch wrapper: vmap, grad, jvp
+    of torch.func), and no dispatch mode (FakeTensor, make_fx, FlopCounterMode). Anything
+    else takes the ops, whose fake and batching rules serve it. Why at all: the dispatcher's
+    Python custom-op path costs more host time per call than the kernels' set-up."""
+    if torch._C._len_torch_dispatch_stack() or \
+            torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN_TYPES for t in tensors)
+
+
+def _records_a_graph(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd needs the Function: a differentiable input with grad mode on, or
+    a forward-mode AD level open (its tangents need the jvp)."""
+    if getattr(forward_ad, "_current_level", 0) >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    training: bool, eps: float, activation: Optional[str],
-                   residual: Optional[Tensor]):
-    """(y, mean, rstd, var) with autograd: BatchNormFunction in eager mode, the op itself
-    (and its registered formula) under torch.compile."""
+                   residual: Optional[Tensor], update: Optional[RunningUpdate] = None):
+    """(y, mean, rstd, var) with autograd, and update applied: BatchNormFunction in eager
+    mode, the op itself (and its registered formula) under torch.compile.
+
+    update (training): on the direct route the kernels update the running statistics in
+    the launches that make the batch statistics; on the others (the ops are functional)
+    torch ops do, after the op."""
     if torch.compiler.is_compiling():
-        return torch.ops.bnkernels.batch_norm_fwd(x, weight, bias, running_mean, running_var,
-                                                  training, eps, activation, residual)
-    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, eps,
-                                   activation, residual)
+        out = torch.ops.bnkernels.batch_norm_fwd(x, weight, bias, running_mean, running_var,
+                                                 training, eps, activation, residual)
+    elif direct(x, weight, bias, running_mean, running_var, residual,
+                update and update.num_batches_tracked):
+        if not _records_a_graph(x, weight, bias, residual):  # inference: no Function at all
+            return ops.run_forward(x, weight, bias, running_mean, running_var, training, eps,
+                                   activation, residual, update)
+        return DirectBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
+                                             training, eps, activation, residual, update, True)
+    else:
+        out = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training,
+                                      eps, activation, residual, None, False)
+    if update is not None:
+        _update_with_torch_ops(update, x, out[1].detach(), out[3].detach())
+    return out
+
+
+def _update_with_torch_ops(update: RunningUpdate, x: Tensor, mean: Tensor, var: Tensor):
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if count > 0:
+        apply_update(update, mean, var, count)
+    elif update.num_batches_tracked is not None:  # an empty batch counts, moves nothing
+        update.num_batches_tracked.add_(1)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import activations, autograd
+from .backends.contract import RunningUpdate
 from .layout import ncs_shape
 
 
@@ -146,46 +147,24 @@ def channel_vector(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         count, momentum: Optional[float],
-                         num_batches_tracked: Optional[Tensor]) -> None:
-    """running = (1 - f) * running + f * batch, with the unbiased batch variance.
-
-    count: the values per channel, an int, or a tensor (SyncBatchNorm's global count).
-    f = momentum, or 1 / num_batches_tracked (cumulative average) when momentum is None:
-    then f is computed on the device, with no host synchronisation (torch's module reads
-    num_batches_tracked on the host here).
-    """
-    acc = mean.dtype
-    if momentum is None:
-        factor = num_batches_tracked.to(acc).reciprocal()
-    else:
-        factor = momentum
-    with torch.no_grad():
-        unbiased = var * (count / (count - 1))
-        for buf, batch in ((running_mean, mean), (running_var, unbiased)):
-            if buf.dtype == acc:
-                buf.lerp_(batch, factor)
-            else:  # half/bfloat16 buffers: blend in float32, round once
-                buf.copy_(torch.lerp(buf.to(acc), batch, factor))
-
-
 def batch_norm_impl(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                     momentum: Optional[float], eps: float,
                     num_batches_tracked: Optional[Tensor] = None,
                     activation: Optional[str] = None,
                     residual: Optional[Tensor] = None) -> Tensor:
-    """batch_norm after the checks; momentum=None takes f from num_batches_tracked."""
+    """batch_norm after the checks. Training with running statistics updates them (an
+    empty batch leaves them alone, as torch does); num_batches_tracked, where given, is
+    incremented by the call (a module's training step), and momentum=None takes the
+    cumulative factor 1 / num_batches_tracked from it."""
     weight, bias = channel_vector(weight), channel_vector(bias)
-    y, mean, _, var = autograd.batch_norm_fwd(
-        input, weight, bias, running_mean, running_var, training, eps, activation, residual)
-    n, _, s = ncs_shape(input)
-    # An empty batch leaves the running statistics alone (as torch does).
-    if training and running_mean is not None and n * s > 0:
-        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), n * s,
-                             momentum, num_batches_tracked)
-    return y
+    update = None
+    if training and running_mean is not None:
+        update = RunningUpdate(running_mean, running_var, momentum, num_batches_tracked)
+    elif num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return autograd.batch_norm_fwd(input, weight, bias, running_mean, running_var, training,
+                                   eps, activation, residual, update)[0]
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -34,12 +34,11 @@ class _BatchNormForward:
                               use_batch_stats, self.eps)
         check_epilogue_args(input, activation, residual)
         momentum = check_momentum(self.momentum)
-        momentum = 0.0 if momentum is None else momentum
-        num_batches_tracked = None
+        num_batches_tracked = None  # the counter this call increments (as torch's add_(1))
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum, num_batches_tracked = None, self.num_batches_tracked
+            num_batches_tracked = self.num_batches_tracked
+        if momentum is None and num_batches_tracked is None:
+            momentum = 0.0  # torch's factor where there is no counter to average with
         return batch_norm_impl(input, running_mean, running_var, self.weight, self.bias,
                                use_batch_stats, momentum, self.eps, num_batches_tracked,
                                activation=activation, residual=residual)

@@ -23,9 +23,11 @@ They are `custom_op`s with fake implementations, so torch.compile(fullgraph=True
 opaque node per pass, and batching rules (register_vmap) for torch.func. Their autograd is
 in autograd.py. Why custom_op and not triton_op: the backend is chosen per call below
 the op (Triton, CUDA C++, plain torch), which triton_op's tracing into the kernels cannot
-express. Why the running statistics are not updated inside the op: register_autograd
-accepts only functional ops, so the op returns the batch mean and variance and
-functional.py updates the buffers (a C-element device op, no host sync).
+express. Why the ops don't update the running statistics: register_autograd accepts only
+functional ops, so the op returns the batch mean and variance and autograd.py updates the
+buffers with torch ops after it (C-element device ops, no host sync). Eager calls on plain
+tensors run the bodies below directly (autograd.direct(), docs/architecture.md), and there
+run_forward's `update` has the kernels update them in the launches they already make.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends.contract import BackwardCall, BatchStats, ForwardCall, GradSums, Normalizer
+from .backends.contract import (BackwardCall, BatchStats, ForwardCall, GradSums, Normalizer,
+                                RunningUpdate)
 from .layout import acc_dtype, alloc_output, kernel_ready
 
 
@@ -56,7 +59,9 @@ def _dres_like(activation, residual, output) -> Optional[Tensor]:
 
 
 def run_forward(x, weight, bias, running_mean, running_var, training, eps, activation,
-                residual):
+                residual, update: Optional[RunningUpdate] = None):
+    """batch_norm_fwd's body; update (training, the eager route of autograd.py only: the op
+    itself is functional) has the backend update the running statistics in place."""
     y = alloc_output(x)
     stats = BatchStats(*_acc_vectors(x, x.shape[1] if training else 0, 3))
     if x.numel() > 0:
@@ -64,8 +69,13 @@ def run_forward(x, weight, bias, running_mean, running_var, training, eps, activ
                            activation=activation, residual=kernel_ready(residual), y=y,
                            running=None if training else Normalizer(running_mean,
                                                                     var=running_var),
-                           batch=stats if training else None)
+                           batch=stats if training else None, update=update)
         backends.select(x).forward(call)
+    elif update is not None and update.num_batches_tracked is not None:
+        update.num_batches_tracked.add_(1)  # an empty batch counts, but moves no statistic
+    if update is not None:  # written by kernels: autograd's version counters must move
+        torch.autograd.graph.increment_version(
+            [t for t in (update.mean, update.var, update.num_batches_tracked) if t is not None])
     return y, stats.mean, stats.rstd, stats.var
 
 

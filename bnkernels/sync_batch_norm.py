@@ -22,8 +22,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .backends.contract import update_running_stats
 from .replace import converted
-from .functional import check_batch_norm_args, check_momentum, update_running_stats
+from .functional import check_batch_norm_args, check_momentum
 from .layout import ncs_shape
 from .modules import _BatchNormForward
 

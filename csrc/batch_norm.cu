@@ -2,6 +2,7 @@
 //
 // The passes (docs/math.md): reduce, merge, apply; "fused" is reduce and apply in one launch.
 //   forward  training, splits == 1: reduce_stats_kernel alone (statistics, then normalize);
+//            the running statistics are updated where the statistics are finished;
 //            training, splits > 1: reduce_stats_kernel (partials), merge_kernel,
 //            apply_normalize_kernel; eval: apply_normalize_kernel with the running statistics.
 //   backward with sums (stats_out): reduce_grads_kernel alone (splits == 1), or
@@ -104,6 +105,13 @@ bool valid(const BnkCall& k, bool forward) {
       k.rows_per_split * k.splits < k.n * k.s || (k.splits > 1 && !k.workspace))
     return false;
   if (!k.mean != !k.rstd_or_var) return false;
+  if (k.running_mean || k.running_var || k.num_batches_tracked) {
+    // a training forward with an output; cumulative: a counter, and a launch after the
+    // one that reads it
+    if (!forward || !k.training || !k.out.ptr || !k.running_mean != !k.running_var) return false;
+    if (k.cumulative && (!k.num_batches_tracked || !k.running_mean || k.splits == 1))
+      return false;
+  }
   if (forward) {
     if (k.training) return k.stats_out[0] && k.stats_out[1] && k.stats_out[2];
     return k.mean && k.out.ptr;
@@ -190,6 +198,9 @@ int bnk_call_offsets(int64_t* out, int capacity) {
       BNK_FIELD(given_var),      BNK_FIELD(channels_fast),
       BNK_FIELD(threads),        BNK_FIELD(block_c),     BNK_FIELD(splits),
       BNK_FIELD(device),         BNK_FIELD(rows_per_split), BNK_FIELD(stream),
+      BNK_FIELD(running_mean),   BNK_FIELD(running_var), BNK_FIELD(num_batches_tracked),
+      BNK_FIELD(running_sm),     BNK_FIELD(running_sv),  BNK_FIELD(momentum),
+      BNK_FIELD(running_dtype),  BNK_FIELD(cumulative),
   };
 #undef BNK_FIELD
   const int count = static_cast<int>(sizeof(fields) / sizeof(fields[0]));

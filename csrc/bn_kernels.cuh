@@ -185,6 +185,28 @@ template <typename Acc> BNK_DEVICE void store_stat(void* out, int64_t c, Acc v) 
   if (out) static_cast<Acc*>(out)[c] = v;
 }
 
+// The running statistics of channel c, from its batch mean and biased var (bnk_api.h).
+template <typename Acc> BNK_DEVICE void update_running(const BnkCall& k, int64_t c, Acc mean,
+                                                       Acc var) {
+  if (!k.running_mean) return;
+  const Acc f = k.cumulative
+      ? Acc(1) / (static_cast<Acc>(*static_cast<const int64_t*>(k.num_batches_tracked)) + Acc(1))
+      : static_cast<Acc>(k.momentum);
+  const Acc count = static_cast<Acc>(k.count);
+  const Acc unbiased = var * (count / (count - Acc(1)));
+  const int64_t im = c * k.running_sm, iv = c * k.running_sv;
+  store_channel(k.running_mean, k.running_dtype, im,
+                lerp_acc(load_channel<Acc>(k.running_mean, k.running_dtype, im), mean, f));
+  store_channel(k.running_var, k.running_dtype, iv,
+                lerp_acc(load_channel<Acc>(k.running_var, k.running_dtype, iv), unbiased, f));
+}
+
+// num_batches_tracked += 1, by one thread of the call's last launch.
+BNK_DEVICE void count_batch(const BnkCall& k) {
+  if (k.num_batches_tracked && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
+    ++*static_cast<int64_t*>(k.num_batches_tracked);
+}
+
 // Forward partials: part[i, split, c] for i = 0..3 (k, mean, var, sum), in Acc.
 template <typename Acc> BNK_DEVICE void store_moments(const BnkCall& k, const Lane& l, const Moments& m) {
   if (l.tr != 0) return;
@@ -233,7 +255,9 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS reduce_stats_kernel(BnkC
     store_stat(k.stats_out[0], l.c, channel_mean);
     store_stat(k.stats_out[1], l.c, rstd);
     store_stat(k.stats_out[2], l.c, channel_var);
+    update_running(k, l.c, channel_mean, channel_var);
   }
+  count_batch(k);  // not cumulative here (bnk_api.h): nothing reads the counter
   if (k.out.ptr) normalize_rows<T>(k, l, channel<Acc>(k, l.c, channel_mean, rstd));
 }
 
@@ -289,14 +313,17 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS merge_kernel(BnkCall k, 
     moments_merge(m, b);
   }
   const Acc var = static_cast<Acc>(m.var);
-  store_stat(k.stats_out[0], c, static_cast<Acc>(moments_mean(m)));
+  const Acc mean = static_cast<Acc>(moments_mean(m));
+  store_stat(k.stats_out[0], c, mean);
   store_stat(k.stats_out[1], c, inv_std(var, k.eps));
   store_stat(k.stats_out[2], c, var);
+  update_running(k, c, mean, var);
 }
 
 template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS apply_normalize_kernel(BnkCall k) {
   typedef typename AccOf<T>::type Acc;
   const Lane l = lane_of(k);
+  count_batch(k);  // after the merge that read the counter
   if (l.active) normalize_rows<T>(k, l, given_channel<Acc>(k, l.c));
 }
 

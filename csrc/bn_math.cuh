@@ -33,6 +33,23 @@ template <typename Acc> BNK_DEVICE Acc load_channel(const void* p, int dtype, in
   }
 }
 
+// Stores v to element i of a per-channel vector of that dtype, rounding once.
+template <typename Acc> BNK_DEVICE void store_channel(void* p, int dtype, int64_t i, Acc v) {
+  switch (dtype) {
+    case BNK_F16: static_cast<__half*>(p)[i] = from_acc<__half>(static_cast<float>(v)); break;
+    case BNK_BF16:
+      static_cast<__nv_bfloat16*>(p)[i] = from_acc<__nv_bfloat16>(static_cast<float>(v));
+      break;
+    case BNK_F64: static_cast<double*>(p)[i] = static_cast<double>(v); break;
+    default: static_cast<float*>(p)[i] = static_cast<float>(v);
+  }
+}
+
+// torch.lerp's formula, so the running statistics are those torch's update gives.
+template <typename Acc> BNK_DEVICE Acc lerp_acc(Acc a, Acc b, Acc w) {
+  return fabs(w) < Acc(0.5) ? a + w * (b - a) : b - (b - a) * (Acc(1) - w);
+}
+
 // sqrt, exp and erf of the accumulation type. Without -use_fast_math, sqrtf and the
 // division below are correctly rounded, as the Triton kernels' sqrt_rn and division.
 BNK_DEVICE float bnk_sqrt(float v) { return sqrtf(v); }

@@ -53,6 +53,20 @@ typedef struct {
   int32_t device;         // the CUDA device of every pointer
   int64_t rows_per_split;
   void* stream;  // cudaStream_t to launch on (torch's current stream)
+  // Forward training: the running statistics, updated in place by the launch that
+  // finishes the batch statistics (NULL: none). (C,) of running_dtype, strided by
+  // running_sm / running_sv elements: running = lerp(running, batch, f), the batch variance
+  // unbiased (times count / (count - 1)); f = momentum, or (cumulative) 1 /
+  // (*num_batches_tracked + 1). num_batches_tracked (int64, or NULL) is incremented by the
+  // call's last launch. Cumulative needs a launch after the one reading the counter: not
+  // with splits == 1 (the launcher updates those with torch ops instead).
+  void* running_mean;
+  void* running_var;
+  void* num_batches_tracked;
+  int64_t running_sm, running_sv;
+  double momentum;
+  int32_t running_dtype;
+  int32_t cumulative;
 } BnkCall;
 
 #define BNK_MAX_THREADS 256

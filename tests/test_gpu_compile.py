@@ -24,7 +24,7 @@ from helpers import make_input, random_params
 pytest.importorskip("triton.backends.nvidia")
 
 _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-            torch.float64: "*fp64"}
+            torch.float64: "*fp64", torch.int64: "*i64"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 WORKER = Path(__file__).with_name("gpu_compile_worker.py")
 
@@ -75,6 +75,13 @@ def _record_variants(monkeypatch):
                     y = bnkernels.batch_norm(x, rm, rv, w, b, training, activation=activation,
                                              residual=r if with_res else None)
                     y.sum().backward()
+    # channels over several programs (the merge kernel), and a module's step: the running
+    # statistics updated by the kernels with a momentum and as a cumulative average
+    for fmt in ("contiguous", "channels_last"):
+        for shape in ((8, 6, 32, 32), (4, 6, 5, 7)):
+            x = make_input(shape, torch.float32, device, fmt).requires_grad_(True)
+            for momentum in (0.1, None):
+                bnkernels.BatchNorm2d(6, momentum=momentum)(x).sum().backward()
     # per-channel tensors as strided and expanded views (their strides are not 1)
     x = make_input((4, 6, 5, 7), torch.float32, device).requires_grad_(True)
     w, _, rm, rv = (torch.stack([t, t], 1)[:, 0] for t in random_params(6, torch.float32,

@@ -22,8 +22,10 @@ AUTO_CUDA_MAX_NUMEL is provisional: no GPU has timed the two backends side by si
 bench/bench_launch.py (host time per call) and bench/bench_bn.py (device time, both
 providers) are the measurements that set it.
 
-The variable is read on every call, so a process can switch between calls. The Triton
-package is imported on first use: triton reads TRITON_INTERPRET when a kernel is defined.
+The variable is read on every call, so a process can switch between calls; what it
+selects is cached per (variable values, device type), so a call costs a dictionary lookup,
+not a new decision. The Triton package is imported on first use: triton reads
+TRITON_INTERPRET when a kernel is defined.
 """
 from __future__ import annotations
 
@@ -51,10 +53,17 @@ def requested() -> str:
     return name
 
 
+_MODULES = {"triton": "triton", "cuda": "cuda", "torch": "reference"}
+_BACKENDS: dict = {}
+
+
 def get(name: str) -> Backend:
     """The backend called name (triton, cuda or torch), imported on first use."""
-    module = {"triton": "triton", "cuda": "cuda", "torch": "reference"}[name]
-    return importlib.import_module(f"{__name__}.{module}").BACKEND
+    backend = _BACKENDS.get(name)
+    if backend is None:
+        backend = importlib.import_module(f"{__name__}.{_MODULES[name]}").BACKEND
+        _BACKENDS[name] = backend
+    return backend
 
 
 def triton_available() -> bool:
@@ -89,8 +98,30 @@ def _select_cuda(x: torch.Tensor) -> Backend:
     return get("cuda")
 
 
+# select()'s decisions that depend on no more than the environment and the device type.
+_SELECTED: dict = {}
+_ENVIRONMENT = (ENV_VAR, "TRITON_INTERPRET", "BNKERNELS_CUDA_EMULATE")
+
+
 def select(x: torch.Tensor) -> Backend:
     """The backend that runs a call on x."""
+    environ = os.environ
+    device_type = x.device.type
+    # auto on CUDA tensors also weighs x's size class, and, for the small one, whether a
+    # library is built yet (a later build changes the answer: that one is not kept)
+    size_class = device_type == "cuda" and x.numel() <= AUTO_CUDA_MAX_NUMEL
+    # (the interpreter's and the emulation's variables only matter for CPU tensors)
+    key = (device_type, size_class, environ.get(ENV_VAR)) if device_type == "cuda" else \
+        (device_type, size_class, *(environ.get(v) for v in _ENVIRONMENT))
+    backend = _SELECTED.get(key)
+    if backend is None:
+        backend = _select(x)
+        if not (size_class and requested() == "auto"):
+            _SELECTED[key] = backend
+    return backend
+
+
+def _select(x: torch.Tensor) -> Backend:
     name = requested()
     if name == "torch":
         return get("torch")

@@ -28,6 +28,7 @@ import abc
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 
@@ -63,6 +64,53 @@ class GradSums:
 
 
 @dataclass(frozen=True)
+class RunningUpdate:
+    """The running statistics a training forward updates in place, in the launches that
+    make the batch statistics (no extra device op, no host synchronisation):
+        running = lerp(running, batch, f), the batch variance unbiased (times m / (m - 1))
+        f = momentum, or (momentum None: the cumulative average) 1 / (num_batches_tracked + 1)
+    num_batches_tracked, where given, is incremented by 1 (a module's training step)."""
+
+    mean: Tensor  # (C,) written
+    var: Tensor  # (C,) written
+    momentum: Optional[float]
+    num_batches_tracked: Optional[Tensor]  # () int64, written
+
+    def __post_init__(self):
+        if self.momentum is None and self.num_batches_tracked is None:
+            raise ValueError("a cumulative average (momentum None) counts num_batches_tracked")
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count, momentum: Optional[float],
+                         num_batches_tracked: Optional[Tensor]) -> None:
+    """running = (1 - f) * running + f * batch, with the unbiased batch variance.
+
+    count: the values per channel, an int, or a tensor (SyncBatchNorm's global count).
+    f = momentum, or 1 / num_batches_tracked (cumulative average) when momentum is None
+    (the counter already incremented for this step): computed on the device, with no host
+    synchronisation (torch's module reads num_batches_tracked on the host here).
+    """
+    acc = mean.dtype
+    factor = momentum if momentum is not None else num_batches_tracked.to(acc).reciprocal()
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        for buf, batch in ((running_mean, mean), (running_var, unbiased)):
+            if buf.dtype == acc:
+                buf.lerp_(batch, factor)
+            else:  # half/bfloat16 buffers: blend in float32, round once
+                buf.copy_(torch.lerp(buf.to(acc), batch, factor))
+
+
+def apply_update(update: "RunningUpdate", mean: Tensor, var: Tensor, count: int) -> None:
+    """A RunningUpdate as torch ops: the counter first, then the statistics it weighs."""
+    if update.num_batches_tracked is not None:
+        update.num_batches_tracked.add_(1)
+    update_running_stats(update.mean, update.var, mean, var, count, update.momentum,
+                         update.num_batches_tracked)
+
+
+@dataclass(frozen=True)
 class ForwardCall:
     """y = act(bn(x) + residual), bn normalizing with the batch's statistics (batch given)
     or with the running ones (running given); exactly one of the two."""
@@ -76,10 +124,13 @@ class ForwardCall:
     y: Optional[Tensor]  # written; None: only the statistics are wanted (batch_stats)
     running: Optional[Normalizer] = None  # eval: (running mean, running var)
     batch: Optional[BatchStats] = None  # training: written with x's statistics
+    update: Optional[RunningUpdate] = None  # training: the running statistics to update
 
     def __post_init__(self):
         if (self.running is None) == (self.batch is None):
             raise ValueError("a ForwardCall normalizes with exactly one of running and batch")
+        if self.update is not None and (self.batch is None or self.y is None):
+            raise ValueError("running statistics are updated by a training forward with y")
 
 
 @dataclass(frozen=True)
@@ -129,7 +180,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, call: ForwardCall) -> None:
-        """Writes call.y (where given) and, in training, call.batch."""
+        """Writes call.y (where given) and, in training, call.batch; applies call.update."""
 
     @abc.abstractmethod
     def backward(self, call: BackwardCall) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import activations
 from ..layout import acc_dtype
-from .contract import Backend, BackwardCall, ForwardCall
+from .contract import Backend, BackwardCall, ForwardCall, apply_update
 
 
 def per_channel(v: Tensor, x: Tensor) -> Tensor:
@@ -136,6 +136,8 @@ class TorchBackend(Backend):
         if batch is not None:
             for out, value in zip((batch.mean, batch.rstd, batch.var), (mean, rstd, var)):
                 out.copy_(value)
+            if call.update is not None:
+                apply_update(call.update, mean, var, x.numel() // x.shape[1])
         if call.y is not None:
             z = pre_activation(x, mean, rstd, call.weight, call.bias, call.residual)
             call.y.copy_(activations.apply(z, call.activation))

@@ -13,7 +13,7 @@ import torch
 
 from ...activations import code
 from ...layout import acc_dtype, ncs_shape, ncs_strides
-from ..contract import BackwardCall, ForwardCall, Normalizer
+from ..contract import BackwardCall, ForwardCall, Normalizer, RunningUpdate, apply_update
 from . import library as cuda_library
 from .library import DTYPE_CODES, BnkCall
 from .plan import block_plan
@@ -78,6 +78,23 @@ class Launch:
         self.vector("rstd_or_var", stats.var if given_var else stats.rstd, dtype=stats.mean.dtype)
         self.k.given_var = given_var
 
+    def running(self, update: Optional[RunningUpdate]) -> bool:
+        """The running statistics, updated by the kernels (csrc/bnk_api.h); False where they
+        can't (a cumulative average in one launch: the caller updates with torch ops)."""
+        if update is None:
+            return True
+        k = self.k
+        if (update.momentum is None and k.splits == 1) or update.var.dtype != update.mean.dtype:
+            return False
+        k.running_mean, k.running_var = self._keep(update.mean), self._keep(update.var)
+        k.running_sm, k.running_sv = update.mean.stride(0), update.var.stride(0)
+        k.running_dtype = DTYPE_CODES[update.mean.dtype]
+        nbt = update.num_batches_tracked
+        k.num_batches_tracked = None if nbt is None else self._keep(nbt)
+        k.momentum = update.momentum or 0.0
+        k.cumulative = update.momentum is None
+        return True
+
     def outputs(self, *stats: Optional[torch.Tensor]) -> None:
         for i, t in enumerate(stats):
             self.k.stats_out[i] = None if t is None else self._keep(t)
@@ -96,11 +113,15 @@ def forward(call: ForwardCall) -> None:
     launch.tensor("res", call.residual)
     launch.vector("weight", call.weight)
     launch.vector("bias", call.bias)
+    in_kernels = True
     if call.batch is not None:
         launch.outputs(call.batch.mean, call.batch.rstd, call.batch.var)
+        in_kernels = launch.running(call.update)
     else:
         launch.statistics(call.running)
     launch.run("bnk_forward")
+    if not in_kernels:
+        apply_update(call.update, call.batch.mean, call.batch.var, call.x.numel() // call.x.shape[1])
 
 
 def backward(call: BackwardCall) -> None:

@@ -47,6 +47,10 @@ class BnkCall(ctypes.Structure):
         ("threads", ctypes.c_int32), ("block_c", ctypes.c_int32), ("splits", ctypes.c_int32),
         ("device", ctypes.c_int32), ("rows_per_split", ctypes.c_int64),
         ("stream", ctypes.c_void_p),
+        ("running_mean", ctypes.c_void_p), ("running_var", ctypes.c_void_p),
+        ("num_batches_tracked", ctypes.c_void_p), ("running_sm", ctypes.c_int64),
+        ("running_sv", ctypes.c_int64), ("momentum", ctypes.c_double),
+        ("running_dtype", ctypes.c_int32), ("cumulative", ctypes.c_int32),
     ]
 
 

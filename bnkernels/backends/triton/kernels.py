@@ -252,6 +252,46 @@ def _finish_stats(k, mean, var, total, n):
 
 
 @triton.jit
+def _lerp(a, b, w):
+    """torch.lerp's formula (a + w * (b - a), or from b's side for |w| >= 0.5), so that the
+    running statistics are those torch's update would give."""
+    return tl.where(tl.abs(w) < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def _store_batch_stats(c, c_mask, k, mean, var, total, n, eps, R,
+                       mean_ptr, rstd_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                       momentum_hi, momentum_lo, srmC, srvC,
+                       UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+                       ACC: tl.constexpr):
+    """A channel's merged (float64) partial as its statistics: mean (_finish_stats), rstd =
+    1/sqrt(var + eps) and the biased var, in ACC; and (UPDATE_RUNNING) the running
+    statistics updated in place, in the launch that made the statistics:
+        running = lerp(running, batch, f),  batch var unbiased: var * R / (R - 1)
+        f = momentum (given as hi + lo, two float32s: a float64 momentum survives), or
+            (CUMULATIVE) 1 / (num_batches_tracked + 1): the counter as the module's step
+            leaves it; the apply kernel, launched after this one, stores the + 1.
+    Buffers of any float dtype: blended in ACC, rounded once. No host synchronisation."""
+    mean, var = _finish_stats(k, mean, var, total, n)
+    mean, var = mean.to(ACC), var.to(ACC)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(rstd_ptr + c, _inv_std(var, eps, ACC), mask=c_mask)
+    tl.store(var_ptr + c, var, mask=c_mask)
+    if UPDATE_RUNNING:
+        if CUMULATIVE:
+            factor = 1.0 / (tl.load(nbt_ptr).to(ACC) + 1.0)
+        else:
+            factor = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
+        count = tl.cast(R, ACC)
+        unbiased = var * (count / (count - 1.0))
+        rm = tl.load(rm_ptr + c * srmC, mask=c_mask, other=0.0)
+        rv = tl.load(rv_ptr + c * srvC, mask=c_mask, other=0.0)
+        tl.store(rm_ptr + c * srmC, _lerp(rm.to(ACC), mean, factor).to(rm.dtype), mask=c_mask)
+        tl.store(rv_ptr + c * srvC, _lerp(rv.to(ACC), unbiased, factor).to(rv.dtype),
+                 mask=c_mask)
+
+
+@triton.jit
 def _load_tile(ptr, r, c, mask, S, sN, sC, sS,
                FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr):
     offsets = _tile_offsets(r, c, S, sN, sC, sS, FLAT_ROWS, INDEX_64)
@@ -261,9 +301,12 @@ def _load_tile(ptr, r, c, mask, S, sN, sC, sS,
 @triton.jit
 def _reduce_kernel(
     x_ptr, g_ptr, res_ptr, y_ptr, mean_ptr, rstd_or_var_ptr, weight_ptr, bias_ptr, part_ptr,
-    C, S, R, rows_per_split, eps,
+    out0_ptr, out1_ptr, out2_ptr, rm_ptr, rv_ptr, nbt_ptr,
+    C, S, R, rows_per_split, eps, momentum_hi, momentum_lo,
     sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, syN, syC, syS, smC, ssC, swC, sbC,
-    BACKWARD: tl.constexpr, FROM_VAR: tl.constexpr,
+    srmC, srvC,
+    BACKWARD: tl.constexpr, FROM_VAR: tl.constexpr, FINAL: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_FROM_Y: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr,
@@ -292,7 +335,8 @@ def _reduce_kernel(
     (dL/dy, or through a fused activation g * act'(z): _epilogue_grad):
         a = sum g (= dbeta),  b = sum g * xhat (= dgamma)
     The results go to part[i, split, c]: forward i = 0..3 (K, mean, var, sum), backward
-    i = 0, 1 (sum g, sum g*xhat).
+    i = 0, 1 (sum g, sum g*xhat). FINAL (one split holds every row: no merge launch): the
+    merge kernel's outputs instead, written here (out0..2, and the running statistics).
     """
     c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
     split = tl.program_id(1)
@@ -342,8 +386,12 @@ def _reduce_kernel(
             k, a = _two_sum(k, a)
 
     if BACKWARD:
-        tl.store(part_ptr + split * C + c, tl.sum(a, axis=1), mask=c_mask)
-        tl.store(part_ptr + (num_splits + split) * C + c, tl.sum(b, axis=1), mask=c_mask)
+        if FINAL:
+            tl.store(out0_ptr + c, tl.sum(a, axis=1), mask=c_mask)
+            tl.store(out1_ptr + c, tl.sum(b, axis=1), mask=c_mask)
+        else:
+            tl.store(part_ptr + split * C + c, tl.sum(a, axis=1), mask=c_mask)
+            tl.store(part_ptr + (num_splits + split) * C + c, tl.sum(b, axis=1), mask=c_mask)
     else:
         counts = tl.broadcast_to(count, [BLOCK_C, BLOCK_R])
         # The lanes merge in float64 (once per program, not per element): their shifts
@@ -351,23 +399,31 @@ def _reduce_kernel(
         f64 = tl.float64
         out_k, out_mean, out_var, out_sum = _merge_lanes(
             k.to(f64), a.to(f64), b.to(f64) + b_err.to(f64), counts.to(f64), total.to(f64))
-        tl.store(part_ptr + split * C + c, out_k, mask=c_mask)
-        tl.store(part_ptr + (num_splits + split) * C + c, out_mean, mask=c_mask)
-        tl.store(part_ptr + (2 * num_splits + split) * C + c, out_var, mask=c_mask)
-        tl.store(part_ptr + (3 * num_splits + split) * C + c, out_sum, mask=c_mask)
+        if FINAL:
+            _store_batch_stats(c, c_mask, out_k, out_mean, out_var, out_sum,
+                               tl.cast(R, f64), eps, R, out0_ptr, out1_ptr, out2_ptr,
+                               rm_ptr, rv_ptr, nbt_ptr, momentum_hi, momentum_lo, srmC, srvC,
+                               UPDATE_RUNNING, CUMULATIVE, ACC)
+        else:
+            tl.store(part_ptr + split * C + c, out_k, mask=c_mask)
+            tl.store(part_ptr + (num_splits + split) * C + c, out_mean, mask=c_mask)
+            tl.store(part_ptr + (2 * num_splits + split) * C + c, out_var, mask=c_mask)
+            tl.store(part_ptr + (3 * num_splits + split) * C + c, out_sum, mask=c_mask)
 
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, out0_ptr, out1_ptr, out2_ptr,
-    C, R, rows_per_split, num_splits, eps,
-    BACKWARD: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    part_ptr, out0_ptr, out1_ptr, out2_ptr, rm_ptr, rv_ptr, nbt_ptr,
+    C, R, rows_per_split, num_splits, eps, momentum_hi, momentum_lo, srmC, srvC,
+    BACKWARD: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     """Merges the splits of _reduce_kernel, in split order (bitwise reproducible).
 
     Forward: _welford_combine over the splits' (K, mean, var, sum), split k holding
     n_k = min(rows_per_split, R - k*rows_per_split) rows (every earlier split is full);
-    then out0 = mean (_finish_stats), out1 = rstd = 1/sqrt(var + eps), out2 = var (biased).
+    then out0 = mean (_finish_stats), out1 = rstd = 1/sqrt(var + eps), out2 = var (biased),
+    and (UPDATE_RUNNING) the running statistics (_store_batch_stats).
     The forward merge runs in float64, as the lanes' merge in _reduce_kernel.
     Backward: out0 = sum g (dbeta), out1 = sum g*xhat (dgamma).
     """
@@ -399,22 +455,20 @@ def _merge_kernel(
         tl.store(out0_ptr + c, a, mask=c_mask)
         tl.store(out1_ptr + c, b, mask=c_mask)
     else:
-        mean, var = _finish_stats(k, mean, var, total, n)
-        mean, var = mean.to(ACC), var.to(ACC)
-        tl.store(out0_ptr + c, mean, mask=c_mask)
-        tl.store(out1_ptr + c, _inv_std(var, eps, ACC), mask=c_mask)
-        tl.store(out2_ptr + c, var, mask=c_mask)
+        _store_batch_stats(c, c_mask, k, mean, var, total, n, eps, R, out0_ptr, out1_ptr,
+                           out2_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum_hi, momentum_lo,
+                           srmC, srvC, UPDATE_RUNNING, CUMULATIVE, ACC)
 
 
 @triton.jit
 def _apply_kernel(
     x_ptr, g_ptr, res_ptr, y_ptr, out_ptr, dres_ptr, mean_ptr, rstd_or_var_ptr, weight_ptr,
-    bias_ptr, sum_g_ptr, sum_gx_ptr, count_ptr,
+    bias_ptr, sum_g_ptr, sum_gx_ptr, count_ptr, nbt_ptr,
     C, S, R, rows_per_split, eps, count,
     sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, syN, syC, syS, soN, soC, soS, sdN, sdC, sdS,
     smC, ssC, swC, sbC,
     BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr, FROM_VAR: tl.constexpr,
-    COUNT_PER_CHANNEL: tl.constexpr,
+    COUNT_PER_CHANNEL: tl.constexpr, COUNT_BATCH: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_FROM_Y: tl.constexpr,
     HAS_DRES: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -432,8 +486,14 @@ def _apply_kernel(
                sums and count)
     Backward, constant statistics (eval):
                dx = gamma * rstd * g
+    COUNT_BATCH (a module's training forward): program (0, 0) adds 1 to num_batches_tracked,
+    after the launch that read it (_store_batch_stats), so no launch reads a half-updated
+    counter.
     """
     c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
+    if COUNT_BATCH:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
     mean, rstd = _channel_stats(mean_ptr, rstd_or_var_ptr, c, c_mask, eps, smC, ssC, FROM_VAR,
                                 ACC)

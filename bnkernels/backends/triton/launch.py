@@ -3,8 +3,10 @@ launches of kernels.py's three kernels, shaped by plan.py."""
 from __future__ import annotations
 
 import collections
-import contextlib
-from typing import Optional, Tuple
+import functools
+import os
+import struct
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -12,9 +14,9 @@ import triton.language as tl
 
 from ...activations import code
 from ...layout import acc_dtype, ncs_shape, ncs_strides
-from ..contract import BackwardCall, ForwardCall, GradSums, Normalizer
+from ..contract import BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate
 from .kernels import _apply_kernel, _merge_kernel, _reduce_kernel
-from .plan import MERGE_BLOCK_C, kernel_layout, launch_plan
+from .plan import MERGE_BLOCK_C, KernelLayout, LaunchPlan, kernel_layout, launch_plan
 
 _GL = {torch.float32: tl.float32, torch.float64: tl.float64}
 # Each kernel's pass, the key of launch_counts.
@@ -23,16 +25,139 @@ PASSES = {_reduce_kernel: "reduce", _merge_kernel: "merge", _apply_kernel: "appl
 launch_counts: collections.Counter = collections.Counter()
 
 
+def _interpret(kernel, grid, args, meta) -> None:
+    kernel[grid](*args, **meta)
+
+
+# How kernels on CPU tensors launch: the interpreter. (bench/bench_launch.py --cpu sets
+# _bound_launch here, with a no-op for the compiled kernel: a GPU's host path, on a CPU.)
+cpu_launch = _interpret
+
+
 def _launch(kernel, grid, *args, **meta):
     launch_counts[PASSES[kernel]] += 1
     device = args[0].device
-    # Triton launches on the current device: make it the tensors' one (x on cuda:1, say).
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    if device.type != "cuda":
+        cpu_launch(kernel, grid, args, meta)
+    elif device.index == torch.cuda.current_device():
+        _bound_launch(kernel, grid, args, meta)
+    else:  # Triton launches on the current device: make it the tensors' one (cuda:1, say)
+        with torch.cuda.device(device):
+            _bound_launch(kernel, grid, args, meta)
+
+
+# Why pre-bound launches: kernel[grid](...) (JITFunction.run) binds the arguments, computes
+# their specialisation and looks the compiled kernel up on every launch, which costs more
+# host time than the rest of a call. The compiled kernel's own runner, compiled[grid],
+# takes the arguments as they are. It is kept per (kernel, device, grid, constexprs, and a
+# key of the arguments finer than Triton's specialisation: every scalar's value, each
+# pointer's dtype and 16-byte alignment), so a kept runner is only ever given arguments
+# that Triton would have sent to the same compiled kernel. BOUND_LAUNCH_ENV=0 (read at
+# import) turns it off: every launch then goes through kernel[grid](...).
+BOUND_LAUNCH_ENV = "BNKERNELS_TRITON_BOUND_LAUNCH"
+bound_launches = os.environ.get(BOUND_LAUNCH_ENV, "1") != "0"
+_RUNNERS: dict = {}
+_RUNNERS_MAX = 4096
+_POINTERS: dict = {}  # kernel -> how many leading parameters are pointers (*_ptr)
+
+
+def _argument_key(kernel, args) -> tuple:
+    pointers = _POINTERS.get(kernel)
+    if pointers is None:
+        pointers = _POINTERS[kernel] = sum(name.endswith("_ptr") for name in kernel.arg_names)
+    tensors = args[:pointers]
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    # all 16-byte aligned (the usual case, one bool), else each pointer's alignment
+    aligned = bits % 16 == 0 or tuple(t.data_ptr() % 16 == 0 for t in tensors)
+    return tuple(t.dtype for t in tensors), aligned, args[pointers:]
+
+
+def _bound_launch(kernel, grid, args, meta) -> None:
+    if not bound_launches:
         kernel[grid](*args, **meta)
+        return
+    key = (kernel, args[0].device, grid, tuple(meta.items()), _argument_key(kernel, args))
+    runner = _RUNNERS.get(key)
+    if runner is not None:
+        runner(*args)
+        return
+    compiled = _first_launch(kernel, grid, args, meta)  # launches, through Triton's binder
+    runner = _runner(kernel, compiled, grid, len(args), meta)
+    if runner is not None:
+        if len(_RUNNERS) >= _RUNNERS_MAX:
+            _RUNNERS.pop(next(iter(_RUNNERS)))
+        _RUNNERS[key] = runner
+
+
+def _first_launch(kernel, grid, args, meta):
+    """kernel[grid](*args, **meta): compiles where needed and launches; the compiled kernel."""
+    return kernel[grid](*args, **meta)
+
+
+def _runner(kernel, compiled, grid, positional: int, meta):
+    """compiled[grid] as a function of the positional arguments, or None where the kernel's
+    signature is not positional arguments then exactly meta's constexprs. The runner takes
+    every parameter in signature order, constexprs included, as JITFunction.run passes
+    them; its grid has three dimensions."""
+    names = list(kernel.arg_names)
+    tail = names[positional:]
+    if compiled is None or set(tail) != set(meta) - _LAUNCH_OPTIONS:
+        return None
+    constexprs = tuple(meta[name] for name in tail)
+    run = compiled[(tuple(grid) + (1, 1))[:3]]
+    return lambda *args: run(*args, *constexprs)
+
+
+_LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas"}  # options, not parameters
 
 
 # The element tensors' roles, in the order the kernels take their strides.
 _ROLES = ("x", "g", "res", "y", "out", "dres")
+
+
+class _Shape(NamedTuple):
+    """What a launch's shape and strides decide: cached per (device, dtype, shape, each
+    role's strides), so that a repeated call plans nothing."""
+    n: int
+    c: int
+    s: int
+    acc: torch.dtype
+    plan: LaunchPlan
+    layout: KernelLayout
+    element_strides: Tuple[int, ...]  # every role's (sN, sC, sS), in _ROLES order
+    grid: Tuple[int, int]
+    base_meta: Tuple[Tuple[str, object], ...]  # the constexprs the layout and plan set
+
+
+_SHAPES: dict = {}
+_SHAPES_MAX = 4096  # distinct shapes kept (a dynamic-shape workload would grow it forever)
+
+
+def _shape_of(x: torch.Tensor, named: dict) -> _Shape:
+    key = (x.device, x.dtype, x.shape, tuple((role, t.stride()) for role, t in named.items()))
+    shape = _SHAPES.get(key)
+    if shape is None:
+        shape = _SHAPES[key] = _plan_shape(x, named)
+        if len(_SHAPES) > _SHAPES_MAX:
+            _SHAPES.pop(next(iter(_SHAPES)))
+    return shape
+
+
+def _plan_shape(x: torch.Tensor, named: dict) -> _Shape:
+    n, c, s = ncs_shape(x)
+    acc = acc_dtype(x.dtype)
+    channels_fast = ncs_strides(x)[1] == 1 and c > 1
+    plan = launch_plan(n, c, s, channels_fast, x.device)
+    layout = kernel_layout(tuple(named.values()), plan.block_c, plan.block_r)
+    strides = dict(zip(named, layout.strides))
+    element_strides = tuple(v for role in _ROLES for v in strides.get(role, strides["x"]))
+    base_meta = (("FLAT_ROWS", layout.flat_rows), ("INDEX_64", layout.index_64),
+                 ("BLOCK_C", plan.block_c), ("BLOCK_R", plan.block_r), ("ACC", _GL[acc]),
+                 ("num_warps", plan.num_warps))
+    return _Shape(n, c, s, acc, plan, layout, element_strides, (plan.c_blocks, plan.splits),
+                  base_meta)
 
 
 class Launch:
@@ -40,20 +165,18 @@ class Launch:
     strides by role (_ROLES); x's stand in for a role the call has no tensor for."""
 
     def __init__(self, x: torch.Tensor, **others: Optional[torch.Tensor]):
-        self.n, self.c, self.s = ncs_shape(x)
+        named = {"x": x}
+        for role, t in others.items():
+            if t is not None:
+                named[role] = t
+        shape = _shape_of(x, named)
+        self.n, self.c, self.s, self.acc = shape.n, shape.c, shape.s, shape.acc
         self.rows = self.n * self.s
-        self.acc = acc_dtype(x.dtype)
+        self.plan, self.layout, self.grid = shape.plan, shape.layout, shape.grid
+        self.element_strides = shape.element_strides
+        self._base_meta = shape.base_meta
         self.x = x
-        channels_fast = ncs_strides(x)[1] == 1 and self.c > 1
-        self.plan = launch_plan(self.n, self.c, self.s, channels_fast, x.device)
-        named = {"x": x, **{k: t for k, t in others.items() if t is not None}}
         self.tensors = named
-        self.layout = kernel_layout(tuple(named.values()), self.plan.block_c, self.plan.block_r)
-        strides = dict(zip(named, self.layout.strides))
-        # every role's (sN, sC, sS), flattened in _ROLES order: what the kernels take
-        self.element_strides = tuple(v for role in _ROLES
-                                     for v in strides.get(role, strides["x"]))
-        self.grid = (self.plan.c_blocks, self.plan.splits)
 
     def pointer(self, role: str) -> torch.Tensor:
         """The role's tensor, or x where the call has none (the kernel's constexpr
@@ -61,38 +184,49 @@ class Launch:
         return self.tensors.get(role, self.x)
 
     def meta(self, activation: int, weight, bias, **switches):
-        return dict(ACTIVATION=activation, HAS_RESIDUAL="res" in self.tensors,
-                    MASK_FROM_Y="y" in self.tensors,
-                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                    FLAT_ROWS=self.layout.flat_rows, INDEX_64=self.layout.index_64,
-                    BLOCK_C=self.plan.block_c, BLOCK_R=self.plan.block_r, ACC=_GL[self.acc],
-                    num_warps=self.plan.num_warps, **switches)
+        tensors = self.tensors
+        return dict(self._base_meta, ACTIVATION=activation, HAS_RESIDUAL="res" in tensors,
+                    MASK_FROM_Y="y" in tensors, HAS_WEIGHT=weight is not None,
+                    HAS_BIAS=bias is not None, **switches)
 
     def reduce(self, eps: float, outs: Tuple[torch.Tensor, ...],
-               stats: Optional[Normalizer] = None, weight=None, bias=None, activation: int = 0):
+               stats: Optional[Normalizer] = None, weight=None, bias=None, activation: int = 0,
+               update: Optional[RunningUpdate] = None):
         """The reduce and merge passes, into outs: (mean, rstd, var) of x (stats None), or
-        (sum g, sum g*xhat) of g with x normalized by stats. outs: (C,) dense, acc dtype."""
+        (sum g, sum g*xhat) of g with x normalized by stats. outs: (C,) dense, acc dtype.
+        update: the running statistics, updated by the launch that finishes the statistics.
+        One split (a program holds whole channels): the reduce kernel finishes them itself,
+        and there is no merge launch."""
         backward = stats is not None
         x, plan = self.x, self.plan
-        part = torch.empty((2 if backward else 4, plan.splits, self.c), dtype=self.acc,
-                           device=x.device)
+        final = plan.splits == 1
+        # the reduce kernel's partials; with one split it writes outs instead
+        part = x if final else torch.empty((2 if backward else 4, plan.splits, self.c),
+                                           dtype=self.acc, device=x.device)
+        out2 = outs[2] if len(outs) == 3 else outs[0]  # the backward has no third output
+        running = _running_args(update, x)
         mean, spread = (stats.mean, _spread_of(stats)) if backward else (None, None)
         reduce_roles = ("x", "g", "res", "y")  # the reduce kernel reads no output
         _launch(_reduce_kernel, self.grid, *(self.pointer(r) for r in reduce_roles),
                 _or_x(mean, x), _or_x(spread, x), _or_x(weight, x), _or_x(bias, x), part,
-                self.c, self.s, self.rows, plan.rows_per_split, eps,
+                outs[0], outs[1], out2, *running.pointers,
+                self.c, self.s, self.rows, plan.rows_per_split, eps, *running.momentum,
                 *self.element_strides[:3 * len(reduce_roles)],
-                *_channel_strides(mean, spread, weight, bias),
+                *_channel_strides(mean, spread, weight, bias), *running.strides,
                 **self.meta(activation, weight, bias, BACKWARD=backward,
-                            FROM_VAR=backward and stats.var is not None))
+                            FROM_VAR=backward and stats.var is not None, FINAL=final,
+                            **running.switches))
+        if final:
+            return
         block = min(MERGE_BLOCK_C, triton.next_power_of_2(self.c))
-        out2 = outs[2] if len(outs) == 3 else outs[0]  # the backward merge has no third output
         _launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2,
-                self.c, self.rows, plan.rows_per_split, plan.splits, eps,
-                BACKWARD=backward, BLOCK_C=block, ACC=_GL[self.acc])
+                *running.pointers, self.c, self.rows, plan.rows_per_split, plan.splits, eps,
+                *running.momentum, *running.strides, BACKWARD=backward, BLOCK_C=block,
+                ACC=_GL[self.acc], **running.switches)
 
     def apply(self, eps: float, stats: Normalizer, weight, bias, *, backward: bool,
-              batch_stats: bool = False, activation: int = 0, sums=None, count=None):
+              batch_stats: bool = False, activation: int = 0, sums=None, count=None,
+              num_batches_tracked: Optional[torch.Tensor] = None):
         """The apply pass: y = act(bn(x) (+ res)), or dx (and dres) from g; sums and count:
         the three-path dx's (sum g, sum g*xhat) and the values they are over (an int, or a
         (C,) tensor)."""
@@ -102,14 +236,41 @@ class Launch:
                                                     sums[1].contiguous())  # read densely
         _launch(_apply_kernel, self.grid, *(self.pointer(r) for r in _ROLES),
                 stats.mean, _spread_of(stats), _or_x(weight, x), _or_x(bias, x), sum_g, sum_gx,
-                count.contiguous() if per_channel else x,
+                count.contiguous() if per_channel else x, _or_x(num_batches_tracked, x),
                 self.c, self.s, self.rows, self.plan.rows_per_split, eps,
                 1 if per_channel or count is None else count,
                 *self.element_strides,
                 *_channel_strides(stats.mean, _spread_of(stats), weight, bias),
                 **self.meta(activation, weight, bias, BACKWARD=backward,
                             BATCH_STATS=batch_stats, FROM_VAR=stats.var is not None,
-                            COUNT_PER_CHANNEL=per_channel, HAS_DRES="dres" in self.tensors))
+                            COUNT_PER_CHANNEL=per_channel,
+                            COUNT_BATCH=num_batches_tracked is not None,
+                            HAS_DRES="dres" in self.tensors))
+
+
+class _RunningArgs(NamedTuple):
+    """A RunningUpdate as the reduce and merge kernels' arguments."""
+    pointers: Tuple[torch.Tensor, ...]  # running mean, running var, num_batches_tracked
+    momentum: Tuple[float, float]  # hi + lo: float32 arguments that carry a float64 value
+    strides: Tuple[int, int]
+    switches: dict
+
+
+def _running_args(update: Optional[RunningUpdate], x: torch.Tensor) -> _RunningArgs:
+    if update is None:
+        return _RunningArgs((x, x, x), (0.0, 0.0), (0, 0),
+                            dict(UPDATE_RUNNING=False, CUMULATIVE=False))
+    nbt = update.num_batches_tracked
+    return _RunningArgs((update.mean, update.var, x if nbt is None else nbt),
+                        _split_momentum(update.momentum or 0.0),
+                        (update.mean.stride(0), update.var.stride(0)),
+                        dict(UPDATE_RUNNING=True, CUMULATIVE=update.momentum is None))
+
+
+@functools.lru_cache(maxsize=64)
+def _split_momentum(momentum: float) -> Tuple[float, float]:
+    hi = struct.unpack("f", struct.pack("f", momentum))[0]
+    return hi, momentum - hi
 
 
 def _spread_of(stats: Normalizer) -> torch.Tensor:
@@ -132,13 +293,14 @@ def forward(call: ForwardCall) -> None:
     launch = Launch(call.x, out=call.y, res=call.residual)
     if call.batch is not None:
         batch = call.batch
-        launch.reduce(call.eps, (batch.mean, batch.rstd, batch.var))
+        launch.reduce(call.eps, (batch.mean, batch.rstd, batch.var), update=call.update)
         stats = Normalizer(mean=batch.mean, rstd=batch.rstd)
     else:
         stats = call.running
     if call.y is not None:
         launch.apply(call.eps, stats, call.weight, call.bias, backward=False,
-                     activation=code(call.activation))
+                     activation=code(call.activation),
+                     num_batches_tracked=call.update and call.update.num_batches_tracked)
 
 
 def backward(call: BackwardCall) -> None:
