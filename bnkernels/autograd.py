@@ -39,13 +39,15 @@ from .backends.contract import RunningUpdate, apply_update
 from .layout import acc_dtype
 
 
-def _save(ctx, inputs, output) -> None:
-    """What backward and jvp need (shared by both routes). xhat is never saved: it is
+def _save(ctx, inputs, output, statistics_returned: bool = True) -> None:
+    """What backward and jvp need (shared by every route). xhat is never saved: it is
     recomputed from x, and with an activation z = bn(x) + residual too (bias and residual
-    are saved for that)."""
+    are saved for that). statistics_returned: whether output's statistics are outputs of
+    the Function (or op) too."""
     x, weight, bias, running_mean, running_var, training, eps, activation, residual = inputs[:9]
     y, mean, rstd, var = output
-    ctx.mark_non_differentiable(mean, rstd, var)  # statistics for the buffers, not the loss
+    if statistics_returned:  # statistics for the buffers, not the loss
+        ctx.mark_non_differentiable(mean, rstd, var)
     # The statistics get no gradient: no zero-filled tensors for them in the backward.
     ctx.set_materialize_grads(False)
     # Training: the float32 (float64) batch mean and rstd; eval: the running mean and var.
@@ -87,6 +89,10 @@ def _save_all(ctx, inputs, output) -> None:
     """What BatchNormFunction's backward and jvp need."""
     _save(ctx, inputs, output)
     ctx.direct = inputs[10]
+    _save_for_jvp(ctx, inputs, output)
+
+
+def _save_for_jvp(ctx, inputs, output) -> None:
     x, weight, bias, running_mean, running_var, training, _, _, residual = inputs[:9]
     y, mean, rstd, var = output
     # jvp: mean and a variance to normalize with, and (training) rstd for the backward
@@ -117,7 +123,7 @@ class BatchNormFunction(torch.autograd.Function):
         # First order (no create_graph) on plain tensors: the op's body itself; else the
         # Function that is differentiable again.
         plain = ctx.direct and not torch.is_grad_enabled() and direct(grad_y)
-        return (*_backward(ctx, grad_y, ops.run_backward if plain else
+        return (*_backward(ctx, grad_y, _run_backward_direct if plain else
                            BatchNormBackwardFunction.apply), None, None)
 
     @staticmethod
@@ -155,22 +161,33 @@ class BatchNormFunction(torch.autograd.Function):
 
 
 class DirectBatchNormFunction(torch.autograd.Function):
-    """BatchNormFunction on the direct route (direct()): the same backward and jvp, an
-    old-style forward(ctx, ...). Why a second class: Function.apply binds a setup_context
-    Function's arguments through inspect.signature on every call (tens of microseconds of
-    host time); setup_context serves the functorch transforms, which never take this route."""
+    """BatchNormFunction on the direct route (direct()): the same backward and jvp, for
+    less host time. Its forward is old-style, forward(ctx, ...): Function.apply binds a
+    setup_context Function's arguments through inspect.signature on every call (tens of
+    microseconds); setup_context serves the functorch transforms, which never take this
+    route. Its one output is y: the statistics, which nothing outside needs, are saved
+    as intermediates, not returned and marked non-differentiable."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation,
                 residual, update, direct):
         output = ops.run_forward(x, weight, bias, running_mean, running_var, training, eps,
-                                 activation, residual, update)
-        _save_all(ctx, (x, weight, bias, running_mean, running_var, training, eps, activation,
-                        residual, update, direct), output)
-        return output
+                                 activation, residual, update, statistics=training)
+        inputs = (x, weight, bias, running_mean, running_var, training, eps, activation,
+                  residual, update, direct)
+        _save(ctx, inputs, output, statistics_returned=False)
+        ctx.direct = direct
+        if getattr(forward_ad, "_current_level", 0) >= 0:  # a jvp may follow
+            _save_for_jvp(ctx, inputs, output)
+        return output[0]
 
-    backward = staticmethod(BatchNormFunction.backward)
-    jvp = staticmethod(BatchNormFunction.jvp)
+    @staticmethod
+    def backward(ctx, grad_y):
+        return BatchNormFunction.backward(ctx, grad_y, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return BatchNormFunction.jvp(ctx, *tangents)[0]
 
 
 class BatchNormBackwardFunction(torch.autograd.Function):
@@ -218,6 +235,10 @@ def _double_backward(saved, flags, needs_input_grad, cotangents):
     return tuple(grads)
 
 
+def _run_backward_direct(*args):
+    return ops.run_backward(*args, placeholders=False)
+
+
 def _op_backward(ctx, grad_y, _grad_mean, _grad_rstd, _grad_var):
     return _backward(ctx, grad_y, torch.ops.bnkernels.batch_norm_bwd)
 
@@ -262,8 +283,8 @@ def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    training: bool, eps: float, activation: Optional[str],
                    residual: Optional[Tensor], update: Optional[RunningUpdate] = None):
-    """(y, mean, rstd, var) with autograd, and update applied: BatchNormFunction in eager
-    mode, the op itself (and its registered formula) under torch.compile.
+    """y with autograd, and update applied: BatchNormFunction in eager mode, the op itself
+    (and its registered formula) under torch.compile.
 
     update (training): on the direct route the kernels update the running statistics in
     the launches that make the batch statistics; on the others (the ops are functional)
@@ -275,15 +296,16 @@ def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 update and update.num_batches_tracked):
         if not _records_a_graph(x, weight, bias, residual):  # inference: no Function at all
             return ops.run_forward(x, weight, bias, running_mean, running_var, training, eps,
-                                   activation, residual, update)
+                                   activation, residual, update, statistics=False)[0]
         return DirectBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
-                                             training, eps, activation, residual, update, True)
+                                             training, eps, activation, residual, update,
+                                             True)
     else:
         out = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training,
                                       eps, activation, residual, None, False)
     if update is not None:
         _update_with_torch_ops(update, x, out[1].detach(), out[3].detach())
-    return out
+    return out[0]
 
 
 def _update_with_torch_ops(update: RunningUpdate, x: Tensor, mean: Tensor, var: Tensor):

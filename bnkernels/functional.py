@@ -87,27 +87,31 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
     elif (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     n, c, s = ncs_shape(input)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):  # torch's order of checks
+    device = input.device
+    named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+             ("bias", bias))  # torch's order of checks
+    for name, t in named:
         if t is None:
             continue
         if t.numel() != c:
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
-        if t.device != input.device:
+        if t.device != device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is "
-                               f"on {t.device} and input is on {input.device}")
-    for t in (running_mean, running_var):
-        if t is not None and t.dim() != 1:
+                               f"on {t.device} and input is on {device}")
+    for name, t in named[:2]:
+        if t is None:
+            continue
+        if t.dim() != 1:
             raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {t.dim()}")
         # Written in training: an expanded statistic (stride 0) would have every channel
         # write one element. torch's batch_norm lets one channel win; an in-place op refuses.
-        if training and t is not None and t.numel() > 1 and t.stride(0) == 0:
+        if training and c > 1 and t.stride(0) == 0:
             raise RuntimeError("unsupported operation: more than one element of the written-to "
                                "tensor refers to a single memory location. Please clone() the "
                                "tensor before performing the operation.")
     _check_dtypes(input, [t for t in (weight, bias, running_mean, running_var) if t is not None])
     if torch.is_grad_enabled():
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        for name, t in named[:2]:
             if t is not None and t.requires_grad:
                 raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with "
                                    f"respect to argument '{name}'. This input cannot have "
@@ -164,7 +168,7 @@ def batch_norm_impl(input: Tensor, running_mean: Optional[Tensor], running_var: 
     elif num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     return autograd.batch_norm_fwd(input, weight, bias, running_mean, running_var, training,
-                                   eps, activation, residual, update)[0]
+                                   float(eps), activation, residual, update)
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -46,8 +46,9 @@ def _acc_vectors(x: Tensor, length: int, count: int) -> Tuple[Tensor, ...]:
     """count per-channel results of x's accumulation dtype, each its own tensor (a custom
     op's outputs may not alias each other); zeros for an empty batch, which no kernel
     reduces."""
-    alloc = torch.zeros if x.numel() == 0 else torch.empty
-    return tuple(alloc(length, dtype=acc_dtype(x.dtype), device=x.device) for _ in range(count))
+    dtype = acc_dtype(x.dtype)
+    alloc = x.new_zeros if x.numel() == 0 else x.new_empty
+    return tuple(alloc(length, dtype=dtype) for _ in range(count))
 
 
 def _dres_like(activation, residual, output) -> Optional[Tensor]:
@@ -59,14 +60,18 @@ def _dres_like(activation, residual, output) -> Optional[Tensor]:
 
 
 def run_forward(x, weight, bias, running_mean, running_var, training, eps, activation,
-                residual, update: Optional[RunningUpdate] = None):
+                residual, update: Optional[RunningUpdate] = None, statistics: bool = True):
     """batch_norm_fwd's body; update (training, the eager route of autograd.py only: the op
-    itself is functional) has the backend update the running statistics in place."""
+    itself is functional) has the backend update the running statistics in place.
+    statistics False (eval only; autograd.py's inference route): no empty statistics
+    outputs are made, they are None."""
     y = alloc_output(x)
-    stats = BatchStats(*_acc_vectors(x, x.shape[1] if training else 0, 3))
+    stats = BatchStats(*_acc_vectors(x, x.shape[1] if training else 0, 3)) \
+        if training or statistics else BatchStats(None, None, None)
     if x.numel() > 0:
         call = ForwardCall(x=kernel_ready(x), weight=weight, bias=bias, eps=eps,
-                           activation=activation, residual=kernel_ready(residual), y=y,
+                           activation=activation,
+                           residual=None if residual is None else kernel_ready(residual), y=y,
                            running=None if training else Normalizer(running_mean,
                                                                     var=running_var),
                            batch=stats if training else None, update=update)
@@ -80,19 +85,24 @@ def run_forward(x, weight, bias, running_mean, running_var, training, eps, activ
 
 
 def run_backward(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps, activation,
-                 need_dx, need_sums, need_dres):
+                 need_dx, need_sums, need_dres, placeholders: bool = True):
+    """batch_norm_bwd's body. placeholders False (autograd.py's direct route): an output
+    not asked for is None, not an empty tensor (the op must return tensors)."""
     if activation is None:  # bias, residual and output only serve to recompute z
         bias = residual = output = None
     dres_like = _dres_like(activation, residual, output)
     need_dres = need_dres and dres_like is not None
-    dx = alloc_output(x) if need_dx else _acc_vectors(x, 0, 1)[0]
-    dres = alloc_output(dres_like) if need_dres else _acc_vectors(x, 0, 1)[0]
-    sum_g, sum_gx = _acc_vectors(x, x.shape[1] if need_sums else 0, 2)
+    unwanted = (lambda: _acc_vectors(x, 0, 1)[0]) if placeholders else (lambda: None)
+    dx = alloc_output(x) if need_dx else unwanted()
+    dres = alloc_output(dres_like) if need_dres else unwanted()
+    sum_g, sum_gx = _acc_vectors(x, x.shape[1], 2) if need_sums else \
+        (unwanted(), unwanted())
     if x.numel() > 0 and (need_dx or need_dres or need_sums):
         call = BackwardCall(
             grad_y=kernel_ready(grad_y), x=kernel_ready(x), weight=weight, bias=bias, eps=eps,
-            activation=activation, residual=kernel_ready(residual),
-            output=kernel_ready(output), stats=Normalizer(mean, rstd=rstd, var=var),
+            activation=activation, residual=None if residual is None else kernel_ready(residual),
+            output=None if output is None else kernel_ready(output),
+            stats=Normalizer(mean, rstd=rstd, var=var),
             through_batch_stats=rstd is not None, dx=dx if need_dx else None,
             dres=dres if need_dres else None,
             sums=GradSums(sum_g, sum_gx) if need_sums else None)

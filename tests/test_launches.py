@@ -145,18 +145,24 @@ def test_running_statistics_version_counters_move(device):
 
 
 def test_no_statistics_gradients_are_materialised(device):
-    """The statistics outputs get no gradient: autograd passes None, not zero tensors."""
+    """The statistics get no gradient, no zero-filled tensors: on the direct route they are
+    not outputs of the Function at all; on the other (BatchNormFunction, which returns
+    them) autograd passes None for them."""
+    from bnkernels import autograd as bn_autograd
+    x = make_input((2, 3, 4, 4), torch.float32, device).requires_grad_(True)
+    y = bnkernels.batch_norm(x, None, None, training=True)
+    assert type(y.grad_fn).__name__ == "DirectBatchNormFunctionBackward"
+    assert y.grad_fn.apply(torch.ones_like(y))[0] is not None  # one output: one gradient in
     seen = []
+    real = bn_autograd.BatchNormFunction.backward
 
     def spy(ctx, grad_y, *stat_grads):
         seen.append(stat_grads)
         return real(ctx, grad_y, *stat_grads)
 
-    from bnkernels import autograd as bn_autograd
-    real = bn_autograd.BatchNormFunction.backward
-    x = make_input((2, 3, 4, 4), torch.float32, device).requires_grad_(True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bn_autograd.DirectBatchNormFunction, "backward", staticmethod(spy))
+        mp.setattr(bn_autograd.BatchNormFunction, "backward", staticmethod(spy))
+        mp.setattr(bn_autograd, "direct", lambda *tensors: False)
         bnkernels.batch_norm(x, None, None, training=True).sum().backward()
     assert seen == [(None, None, None)]
 
@@ -252,3 +258,134 @@ def test_bench_launch_cpu_runs_the_gpu_host_path(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = (tmp_path / "launch.csv").read_text().splitlines()
     assert len(rows) == 1 + 16 and "no-op GPU launch" in rows[1]
+
+
+# ------------------------------------------------------------------------- replayed calls
+
+class _InterpretedCompiled:
+    """A compiled kernel whose runner runs the kernel in the interpreter, given what a real
+    runner is given: every parameter positionally (constexprs too), a 3-D grid."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args: self.kernel[grid](*args)
+
+
+def _bound_launches_on_cpu(monkeypatch) -> list:
+    """CPU tensors launch as CUDA ones do (pre-bound runners, replayed calls), the runners
+    interpreting the kernels: the replay path computes for real, on CPU. Returns the list
+    that every replay run is appended to."""
+    from bnkernels.backends.triton import replay
+    monkeypatch.setattr(triton_launch, "_RUNNERS", {})
+    monkeypatch.setattr(triton_launch, "_REPLAYS", {})
+    monkeypatch.setattr(triton_launch, "bound_launches", True)
+    monkeypatch.setattr(triton_launch, "cpu_launch", triton_launch._bound_launch)
+
+    def first_launch(kernel, grid, args, meta):
+        triton_launch._interpret(kernel, grid, args, meta)
+        return _InterpretedCompiled(kernel)
+
+    monkeypatch.setattr(triton_launch, "_first_launch", first_launch)
+    ran = []
+    real_run = replay.Replay.run
+
+    def run(self, slots, counts):
+        ran.append(self)
+        real_run(self, slots, counts)
+
+    monkeypatch.setattr(replay.Replay, "run", run)
+    return ran
+
+
+def _training_run(make_module, inputs, channels_last, fused):
+    """Each input through a fresh module's training step (forward, backward) and then an
+    eval forward: everything each step gave, and the buffers at the end."""
+    torch.manual_seed(0)
+    bn = make_module()
+    seen = []
+    for x in inputs:
+        x = x.to(memory_format=torch.channels_last) if channels_last else x
+        x = x.detach().requires_grad_(True)
+        if fused:
+            residual = torch.randn_like(x).requires_grad_(True)
+            y = bnkernels.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                     True, 0.1, bn.eps, activation="relu", residual=residual)
+        else:
+            residual = None
+            y = bn(x)
+        y.backward(torch.sin(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+        seen += [y, x.grad, bn.weight.grad, bn.bias.grad]
+        seen += [residual.grad] if fused else []
+        bn.weight.grad = bn.bias.grad = None
+    bn.eval()
+    with torch.no_grad():
+        seen.append(bn(inputs[0]))
+    return seen + [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+
+
+# (shape, channels_last, momentum, fused): one split and several (a merge, its temporary)
+REPLAY_CASES = [((4, 6, 5, 7), False, 0.1, False), ((8, 6, 32, 32), True, None, False),
+                ((4, 6, 5, 7), False, 0.1, True), ((8, 6, 32, 32), True, 0.1, True)]
+
+
+@pytest.mark.parametrize("shape,channels_last,momentum,fused", REPLAY_CASES)
+def test_replayed_calls_compute_bitwise_what_planned_calls_compute(
+        shape, channels_last, momentum, fused, monkeypatch):
+    """Training steps and eval forwards whose launches are replayed (every call after the
+    first of its signature) give bitwise the results of calls planned every time (the
+    interpreter's own path), buffers included, on new tensors each call."""
+    monkeypatch.setenv("BNKERNELS_BACKEND", "triton")
+    inputs = [make_input(shape, torch.float32, "cpu", seed=i) for i in range(3)]
+
+    def make_module():
+        return bnkernels.BatchNorm2d(shape[1], momentum=momentum)
+
+    planned = _training_run(make_module, inputs, channels_last, fused)
+    with pytest.MonkeyPatch.context() as mp:
+        ran = _bound_launches_on_cpu(mp)
+        before = collections.Counter(triton_launch.launch_counts)
+        replayed = _training_run(make_module, inputs, channels_last, fused)
+        counted = collections.Counter(triton_launch.launch_counts)
+        counted.subtract(before)
+    merges = any(name == "merge" for r in ran for name, _, _ in r.launches)
+    assert merges == (shape == (8, 6, 32, 32))  # several splits: the merge was replayed
+    # every training forward and backward after its signature's first (the eval one is a first)
+    assert len(ran) == 2 * (len(inputs) - 1)
+    assert counted["reduce"] > 0 and counted["apply"] > 0  # replays count their launches
+    for a, b in zip(planned, replayed):
+        assert a is None and b is None or torch.equal(a, b)
+
+
+def test_misaligned_calls_are_planned_every_time_and_stay_exact(monkeypatch):
+    """A call whose tensors are not all 16-byte aligned (a view at an odd offset) is never
+    replayed: the runners were bound for aligned pointers."""
+    monkeypatch.setenv("BNKERNELS_BACKEND", "triton")
+    base = make_input((4 * 6 * 5 * 7 + 1,), torch.float32, "cpu")
+    x = base[1:].view(4, 6, 5, 7)  # 4 bytes past an aligned start
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    planned = [bnkernels.batch_norm(x, None, None, w, b, True) for _ in range(2)]
+    with pytest.MonkeyPatch.context() as mp:
+        ran = _bound_launches_on_cpu(mp)
+        bound = [bnkernels.batch_norm(x, None, None, w, b, True) for _ in range(3)]
+    assert ran == []
+    assert all(torch.equal(planned[0], y) for y in planned[1:] + bound)
+
+
+def test_a_recording_that_cannot_be_rebuilt_is_not_replayed():
+    """A launch argument that is none of the call's tensors (a copy the planner made), a
+    tensor filling two slots, or a launch with no runner: no replay, planned every time."""
+    from bnkernels.backends.triton.replay import Recording
+    a, b = torch.zeros(4), torch.zeros(4)
+    runner = lambda *args: None  # noqa: E731
+    ok = Recording((a, b))
+    ok.launch("apply", runner, (a, b, 4, 1e-5))
+    assert ok.replay() is not None
+    foreign = Recording((a, b))
+    foreign.launch("apply", runner, (a, b.clone(), 4))
+    two_slots = Recording((a, a))
+    two_slots.launch("apply", runner, (a, 4))
+    unbound = Recording((a, b))
+    unbound.launch("apply", None, (a, b, 4))
+    assert foreign.replay() is None and two_slots.replay() is None and unbound.replay() is None

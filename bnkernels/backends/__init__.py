@@ -103,16 +103,31 @@ _SELECTED: dict = {}
 _ENVIRONMENT = (ENV_VAR, "TRITON_INTERPRET", "BNKERNELS_CUDA_EMULATE")
 
 
+def _environment_reader():
+    """The values of _ENVIRONMENT's variables, as a key. Why not os.environ.get: it encodes
+    the name and decodes the value on every call (about 1 us each); os.environ's own store,
+    where it has one (_data, keyed by encoded names), is read as it is."""
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if not isinstance(data, dict) or encode is None:
+        return lambda: tuple(os.environ.get(v) for v in _ENVIRONMENT)
+    backend, interpret, emulate = (encode(v) for v in _ENVIRONMENT)
+    get = data.get
+    return lambda: (get(backend), get(interpret), get(emulate))
+
+
+_environment = _environment_reader()
+
+
 def select(x: torch.Tensor) -> Backend:
     """The backend that runs a call on x."""
-    environ = os.environ
-    device_type = x.device.type
+    device = x.device
+    device_type = device.type
     # auto on CUDA tensors also weighs x's size class, and, for the small one, whether a
     # library is built yet (a later build changes the answer: that one is not kept)
     size_class = device_type == "cuda" and x.numel() <= AUTO_CUDA_MAX_NUMEL
-    # (the interpreter's and the emulation's variables only matter for CPU tensors)
-    key = (device_type, size_class, environ.get(ENV_VAR)) if device_type == "cuda" else \
-        (device_type, size_class, *(environ.get(v) for v in _ENVIRONMENT))
+    # (the interpreter's and the emulation's variables only matter for CPU tensors, but
+    # reading them is cheaper than telling)
+    key = (device_type, size_class, _environment())
     backend = _SELECTED.get(key)
     if backend is None:
         backend = _select(x)

@@ -2,7 +2,9 @@
 kernels (docs/architecture.md draws the layers).
 
 A backend is a `Backend`: two methods, `forward` and `backward`, each given one call record
-(`ForwardCall`, `BackwardCall`) and returning nothing. The record names every tensor once,
+(`ForwardCall`, `BackwardCall`) and returning nothing. Records are read, never modified
+(plain slotted dataclasses, not frozen ones: a frozen one costs twice the host time to
+make, on every call). The record names every tensor once,
 each field meaning one thing. It holds the outputs too: ops.py (`run_forward`,
 `run_backward`) allocates them in torch's layout, and the backend writes into them.
 
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Normalizer:
     """The per-channel statistics a pass normalizes with: mean, and exactly one of rstd and
     var. rstd = 1/sqrt(var + eps) is computed from var by the backend when var is given."""
@@ -46,7 +48,7 @@ class Normalizer:
             raise ValueError("a Normalizer holds exactly one of rstd and var")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BatchStats:
     """Outputs of a training forward, per channel, in the accumulation dtype."""
 
@@ -55,7 +57,7 @@ class BatchStats:
     var: Tensor  # the biased variance (the one the gradient flows through)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GradSums:
     """Per-channel sums of the backward pass, in the accumulation dtype."""
 
@@ -63,7 +65,7 @@ class GradSums:
     sum_gx: Tensor  # sum of g * xhat: dgamma
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RunningUpdate:
     """The running statistics a training forward updates in place, in the launches that
     make the batch statistics (no extra device op, no host synchronisation):
@@ -110,7 +112,7 @@ def apply_update(update: "RunningUpdate", mean: Tensor, var: Tensor, count: int)
                          update.num_batches_tracked)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ForwardCall:
     """y = act(bn(x) + residual), bn normalizing with the batch's statistics (batch given)
     or with the running ones (running given); exactly one of the two."""
@@ -133,7 +135,7 @@ class ForwardCall:
             raise ValueError("running statistics are updated by a training forward with y")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BackwardCall:
     """The gradients of y = act(bn(x) + residual) from grad_y = dL/dy.
 

@@ -17,6 +17,7 @@ from ...layout import acc_dtype, ncs_shape, ncs_strides
 from ..contract import BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate
 from .kernels import _apply_kernel, _merge_kernel, _reduce_kernel
 from .plan import MERGE_BLOCK_C, KernelLayout, LaunchPlan, kernel_layout, launch_plan
+from .replay import REPLAYS_MAX, Recording, Replay, slot_key
 
 _GL = {torch.float32: tl.float32, torch.float64: tl.float64}
 # Each kernel's pass, the key of launch_counts.
@@ -26,7 +27,7 @@ launch_counts: collections.Counter = collections.Counter()
 
 
 def _interpret(kernel, grid, args, meta) -> None:
-    kernel[grid](*args, **meta)
+    kernel[grid](*args, **meta)  # no runner: an interpreted call is never replayed
 
 
 # How kernels on CPU tensors launch: the interpreter. (bench/bench_launch.py --cpu sets
@@ -35,15 +36,18 @@ cpu_launch = _interpret
 
 
 def _launch(kernel, grid, *args, **meta):
+    """Launches kernel; the runner that launched it (replay.py), or None."""
     launch_counts[PASSES[kernel]] += 1
     device = args[0].device
     if device.type != "cuda":
-        cpu_launch(kernel, grid, args, meta)
-    elif device.index == torch.cuda.current_device():
+        return cpu_launch(kernel, grid, args, meta)
+    if device.index == torch.cuda.current_device():
+        return _bound_launch(kernel, grid, args, meta)
+    # Triton launches on the current device: make it the tensors' one (cuda:1, say). Not
+    # replayed: a replay launches on the current device.
+    with torch.cuda.device(device):
         _bound_launch(kernel, grid, args, meta)
-    else:  # Triton launches on the current device: make it the tensors' one (cuda:1, say)
-        with torch.cuda.device(device):
-            _bound_launch(kernel, grid, args, meta)
+    return None
 
 
 # Why pre-bound launches: kernel[grid](...) (JITFunction.run) binds the arguments, computes
@@ -74,21 +78,24 @@ def _argument_key(kernel, args) -> tuple:
     return tuple(t.dtype for t in tensors), aligned, args[pointers:]
 
 
-def _bound_launch(kernel, grid, args, meta) -> None:
+def _bound_launch(kernel, grid, args, meta):
+    """Launches kernel; its runner (None where there is none: bound launches off, or a
+    signature _runner can't take)."""
     if not bound_launches:
         kernel[grid](*args, **meta)
-        return
+        return None
     key = (kernel, args[0].device, grid, tuple(meta.items()), _argument_key(kernel, args))
     runner = _RUNNERS.get(key)
     if runner is not None:
         runner(*args)
-        return
+        return runner
     compiled = _first_launch(kernel, grid, args, meta)  # launches, through Triton's binder
     runner = _runner(kernel, compiled, grid, len(args), meta)
     if runner is not None:
         if len(_RUNNERS) >= _RUNNERS_MAX:
             _RUNNERS.pop(next(iter(_RUNNERS)))
         _RUNNERS[key] = runner
+    return runner
 
 
 def _first_launch(kernel, grid, args, meta):
@@ -164,7 +171,8 @@ class Launch:
     """What the kernels of one call share: shapes, tile, grid, and each element tensor's
     strides by role (_ROLES); x's stand in for a role the call has no tensor for."""
 
-    def __init__(self, x: torch.Tensor, **others: Optional[torch.Tensor]):
+    def __init__(self, x: torch.Tensor, recording: Optional[Recording] = None,
+                 **others: Optional[torch.Tensor]):
         named = {"x": x}
         for role, t in others.items():
             if t is not None:
@@ -177,6 +185,21 @@ class Launch:
         self._base_meta = shape.base_meta
         self.x = x
         self.tensors = named
+        self.recording = recording
+
+    def launch(self, kernel, grid, *args, **meta) -> None:
+        runner = _launch(kernel, grid, *args, **meta)
+        if self.recording is not None:
+            self.recording.launch(PASSES[kernel], runner, args)
+
+    def scratch(self, shape: Tuple[int, ...]) -> torch.Tensor:
+        """A temporary of the accumulation dtype (recorded: a replay allocates its own)."""
+        acc, device = self.acc, self.x.device
+        t = torch.empty(shape, dtype=acc, device=device)
+        if self.recording is not None:
+            self.recording.temporary(t, lambda _slots: torch.empty(shape, dtype=acc,
+                                                                   device=device))
+        return t
 
     def pointer(self, role: str) -> torch.Tensor:
         """The role's tensor, or x where the call has none (the kernel's constexpr
@@ -201,13 +224,12 @@ class Launch:
         x, plan = self.x, self.plan
         final = plan.splits == 1
         # the reduce kernel's partials; with one split it writes outs instead
-        part = x if final else torch.empty((2 if backward else 4, plan.splits, self.c),
-                                           dtype=self.acc, device=x.device)
+        part = x if final else self.scratch((2 if backward else 4, plan.splits, self.c))
         out2 = outs[2] if len(outs) == 3 else outs[0]  # the backward has no third output
         running = _running_args(update, x)
         mean, spread = (stats.mean, _spread_of(stats)) if backward else (None, None)
         reduce_roles = ("x", "g", "res", "y")  # the reduce kernel reads no output
-        _launch(_reduce_kernel, self.grid, *(self.pointer(r) for r in reduce_roles),
+        self.launch(_reduce_kernel, self.grid, *(self.pointer(r) for r in reduce_roles),
                 _or_x(mean, x), _or_x(spread, x), _or_x(weight, x), _or_x(bias, x), part,
                 outs[0], outs[1], out2, *running.pointers,
                 self.c, self.s, self.rows, plan.rows_per_split, eps, *running.momentum,
@@ -219,7 +241,7 @@ class Launch:
         if final:
             return
         block = min(MERGE_BLOCK_C, triton.next_power_of_2(self.c))
-        _launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2,
+        self.launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2,
                 *running.pointers, self.c, self.rows, plan.rows_per_split, plan.splits, eps,
                 *running.momentum, *running.strides, BACKWARD=backward, BLOCK_C=block,
                 ACC=_GL[self.acc], **running.switches)
@@ -234,7 +256,7 @@ class Launch:
         per_channel = isinstance(count, torch.Tensor)
         sum_g, sum_gx = (x, x) if sums is None else (sums[0].contiguous(),
                                                     sums[1].contiguous())  # read densely
-        _launch(_apply_kernel, self.grid, *(self.pointer(r) for r in _ROLES),
+        self.launch(_apply_kernel, self.grid, *(self.pointer(r) for r in _ROLES),
                 stats.mean, _spread_of(stats), _or_x(weight, x), _or_x(bias, x), sum_g, sum_gx,
                 count.contiguous() if per_channel else x, _or_x(num_batches_tracked, x),
                 self.c, self.s, self.rows, self.plan.rows_per_split, eps,
@@ -289,8 +311,55 @@ def _or_x(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return x if t is None else t
 
 
+# Replays (replay.py), by call signature: a Replay, or None for a signature that is planned
+# every time.
+_REPLAYS: dict = {}
+
+
+def _replayed(slots: tuple, scalars: tuple):
+    """(the call's Replay or None, its signature: None where the call can't be recorded)."""
+    tensors, aligned = slot_key(slots)
+    if not aligned:
+        return None, None  # the runners were bound for aligned pointers
+    x = slots[0]
+    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+        return None, None  # _launch makes that device current; a replay would not
+    key = (x.shape, x.device, scalars, tensors, cpu_launch, bound_launches)
+    replay = _REPLAYS.get(key, _REPLAYS)  # (the dict itself: never planned)
+    if replay is _REPLAYS:
+        return None, key
+    if replay is not None:
+        replay.run(slots, launch_counts)
+        return replay, None
+    return None, None  # planned every time
+
+
+def _keep(key, recording: Recording) -> None:
+    if len(_REPLAYS) >= REPLAYS_MAX:
+        _REPLAYS.pop(next(iter(_REPLAYS)))
+    _REPLAYS[key] = recording.replay()
+
+
 def forward(call: ForwardCall) -> None:
-    launch = Launch(call.x, out=call.y, res=call.residual)
+    batch, running, update = call.batch, call.running, call.update
+    # every tensor the planner reads, x first (the signature's slots), and its scalars
+    slots = (call.x, call.weight, call.bias, call.residual, call.y,
+             *((batch.mean, batch.rstd, batch.var) if batch else (None,) * 3),
+             *((running.mean, running.rstd, running.var) if running else (None,) * 3),
+             *((update.mean, update.var, update.num_batches_tracked) if update else
+               (None,) * 3))
+    scalars = (call.eps, call.activation, update is not None and update.momentum)
+    replay, key = _replayed(slots, scalars)
+    if replay is not None:
+        return
+    recording = None if key is None else Recording(slots)
+    _plan_forward(call, recording)
+    if recording is not None:
+        _keep(key, recording)
+
+
+def _plan_forward(call: ForwardCall, recording: Optional[Recording]) -> None:
+    launch = Launch(call.x, recording, out=call.y, res=call.residual)
     if call.batch is not None:
         batch = call.batch
         launch.reduce(call.eps, (batch.mean, batch.rstd, batch.var), update=call.update)
@@ -304,16 +373,32 @@ def forward(call: ForwardCall) -> None:
 
 
 def backward(call: BackwardCall) -> None:
+    stats, sums, given = call.stats, call.sums, call.given_sums
+    slots = (call.x, call.grad_y, call.weight, call.bias, call.residual, call.output,
+             stats.mean, stats.rstd, stats.var, call.dx, call.dres,
+             *((sums.sum_g, sums.sum_gx) if sums else (None, None)),
+             *((given.sum_g, given.sum_gx) if given else (None, None)), call.given_count)
+    replay, key = _replayed(slots, (call.eps, call.activation, call.through_batch_stats))
+    if replay is not None:
+        return
+    recording = None if key is None else Recording(slots)
+    _plan_backward(call, recording)
+    if recording is not None:
+        _keep(key, recording)
+
+
+def _plan_backward(call: BackwardCall, recording: Optional[Recording]) -> None:
     act = code(call.activation)
     dx = call.dx
     if dx is None and call.dres is not None:  # the apply kernel writes dx wherever it runs
         dx = torch.empty_like(call.x)
-    launch = Launch(call.x, g=call.grad_y, res=call.residual, y=call.output, out=dx,
-                    dres=call.dres)
+        if recording is not None:
+            recording.temporary(dx, lambda slots: torch.empty_like(slots[0]))
+    launch = Launch(call.x, recording, g=call.grad_y, res=call.residual, y=call.output,
+                    out=dx, dres=call.dres)
     sums, count = None, None
     if call.sums is not None or (call.through_batch_stats and call.given_sums is None):
-        own = call.sums or GradSums(*(torch.empty(launch.c, dtype=launch.acc,
-                                                  device=call.x.device) for _ in range(2)))
+        own = call.sums or GradSums(launch.scratch((launch.c,)), launch.scratch((launch.c,)))
         launch.reduce(call.eps, (own.sum_g, own.sum_gx), call.stats, call.weight, call.bias,
                       act)
         sums, count = (own.sum_g, own.sum_gx), launch.rows
