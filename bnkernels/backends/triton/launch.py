@@ -334,10 +334,18 @@ def _replayed(slots: tuple, scalars: tuple):
     return None, None  # planned every time
 
 
-def _keep(key, recording: Recording) -> None:
-    if len(_REPLAYS) >= REPLAYS_MAX:
-        _REPLAYS.pop(next(iter(_REPLAYS)))
-    _REPLAYS[key] = recording.replay()
+def _replay_or_plan(call, slots: tuple, scalars: tuple, plan) -> None:
+    """The call's replay where it has one; else plan(call, recording) launches it, recorded
+    for the next call of its signature where it can be."""
+    replay, key = _replayed(slots, scalars)
+    if replay is not None:
+        return
+    recording = None if key is None else Recording(slots)
+    plan(call, recording)
+    if recording is not None:
+        if len(_REPLAYS) >= REPLAYS_MAX:
+            _REPLAYS.pop(next(iter(_REPLAYS)))
+        _REPLAYS[key] = recording.replay()
 
 
 def forward(call: ForwardCall) -> None:
@@ -348,14 +356,8 @@ def forward(call: ForwardCall) -> None:
              *((running.mean, running.rstd, running.var) if running else (None,) * 3),
              *((update.mean, update.var, update.num_batches_tracked) if update else
                (None,) * 3))
-    scalars = (call.eps, call.activation, update is not None and update.momentum)
-    replay, key = _replayed(slots, scalars)
-    if replay is not None:
-        return
-    recording = None if key is None else Recording(slots)
-    _plan_forward(call, recording)
-    if recording is not None:
-        _keep(key, recording)
+    scalars = (call.eps, call.activation, None if update is None else (update.momentum,))
+    _replay_or_plan(call, slots, scalars, _plan_forward)
 
 
 def _plan_forward(call: ForwardCall, recording: Optional[Recording]) -> None:
@@ -378,13 +380,8 @@ def backward(call: BackwardCall) -> None:
              stats.mean, stats.rstd, stats.var, call.dx, call.dres,
              *((sums.sum_g, sums.sum_gx) if sums else (None, None)),
              *((given.sum_g, given.sum_gx) if given else (None, None)), call.given_count)
-    replay, key = _replayed(slots, (call.eps, call.activation, call.through_batch_stats))
-    if replay is not None:
-        return
-    recording = None if key is None else Recording(slots)
-    _plan_backward(call, recording)
-    if recording is not None:
-        _keep(key, recording)
+    _replay_or_plan(call, slots, (call.eps, call.activation, call.through_batch_stats),
+                    _plan_backward)
 
 
 def _plan_backward(call: BackwardCall, recording: Optional[Recording]) -> None:
