@@ -1,0 +1,324 @@
+"""Static check: the Triton kernels as a GPU launch compiles them, read from their SASS.
+
+    python bench/static_check.py --arch 90 [--out DIR] [--quick] [--jobs 2]
+
+No GPU needed. Each pass (fwd_train, fwd_eval, bwd, and the fused bnrelu_* / bnaddrelu_*)
+is called through bnkernels on CPU tensors of ResNet-50's twelve BN shapes at N = 32 and
+128, bfloat16 / float16 / float32, NCHW and channels_last, with the Triton backend's GPU
+plan (GPU_TILE, 4 programs per SM of an H100: 132 SMs); its launches are recorded, not run.
+Each distinct launch is then specialised by Triton's own binder, exactly as JITFunction.run
+would specialise it on a GPU (pointer alignment, integers divisible by 16, integers equal
+to 1), and compiled for the architecture. From the cubin (cuobjdump -sass, -res-usage):
+
+  access_bits     the narrowest global load or store in the kernel's loops (128: LDG.E.128)
+  idiv_per_elem   integer divisions (I2F.U32.RP ... MUFU.RCP sequences) per element, in loops
+  rcp_per_elem    other reciprocals (MUFU.RCP) per element, in loops
+  regs, spills    registers per thread, local-memory bytes
+  instr_per_elem  SASS instructions in the loops per element a thread handles per iteration
+  mbytes          MB the launch moves (its element tensors, or the merge's partials)
+  est_ratio       estimated time / floor, the floor being the bytes at 3.0 TB/s. The time is
+                  the largest of: the bytes at 3.0 TB/s; the loops' instructions over every
+                  tile element (padding included) at 4 warp-instructions per clock per SM,
+                  132 SMs, 1.755 GHz; for the merge, its serial loop over the splits at one
+                  instruction per clock (a lower bound: one warp per channel block).
+A row with kernel "all" sums a pass's launches (its est_ratio: the summed time over the
+pass's floor). The model ignores latency and bytes in flight, so an est_ratio near 1 is
+necessary, not sufficient: the GPU suite measures it (bn.md shows the two side by side).
+
+Rows are written to DIR/sm<arch>.csv (default bench/results/static/); --quick: three shapes
+at N = 32, one dtype, for the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import NamedTuple, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bn import QUICK_SHAPES, RESNET50_SHAPES  # noqa: E402
+
+COLUMNS = ["kernel", "pass", "dtype", "layout", "N", "C", "H", "W", "access_bits",
+           "idiv_per_elem", "rcp_per_elem", "regs", "spills", "instr_per_elem", "mbytes",
+           "est_ratio"]
+PASSES = ["fwd_train", "fwd_eval", "bwd", "bnrelu_fwd_train", "bnrelu_bwd",
+          "bnaddrelu_fwd_train", "bnaddrelu_bwd"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LAYOUTS = ["nchw", "channels_last"]
+# The H100 the estimate models (SXM: DEVELOPERS.md's measured copy bandwidth).
+SMS, CLOCK_HZ, BANDWIDTH, ISSUE_PER_SM = 132, 1.755e9, 3.0e12, 4
+
+
+# ------------------------------------------------------------------ recording launches
+
+class Launched(NamedTuple):
+    """One recorded launch, as the table needs it (its tensors are not kept)."""
+    kernel: str
+    grid: tuple
+    meta: dict
+    key: tuple  # its compiled variant's (variants[key])
+    tensors: int  # the element tensors it reads and writes
+    partials: Tuple[int, int, int]  # merge: (numel, splits, element size) of its partials
+
+
+def _record(passes, shapes, batches, dtypes, layouts, backend, variants: dict) -> list:
+    """[(pass, dtype, layout, N, C, H, W, [Launched])] for every call; variants gets each
+    launch's compiled variant, by key."""
+    from bnkernels import backends
+    from bnkernels.backends.triton import launch as triton_launch
+    from bnkernels.backends.triton import plan as triton_plan
+    import bnkernels
+
+    triton_plan.INTERPRETER_TILE = triton_plan.GPU_TILE  # the GPU's plan for CPU tensors
+    triton_plan.INTERPRETER_PROGRAMS = 4 * SMS
+    triton_launch._REPLAYS.clear()
+    launched: list = []
+
+    def record(kernel, grid, args, meta):
+        key, variant = _specialised(kernel, args, meta, backend)
+        variants.setdefault(key, variant)
+        name = kernel.fn.__name__
+        # the element tensors: its role pointers (a role the call lacks points at x); a
+        # forward reduce reads x alone
+        roles = 6 if name == "_apply_kernel" else 4 if meta.get("BACKWARD") else 1
+        part = args[0]
+        launched.append(Launched(name, tuple(grid), dict(meta), key,
+                                 len({id(t) for t in args[:roles]}),
+                                 (part.numel(), part.shape[1] if part.dim() == 3 else 1,
+                                  part.element_size())))
+
+    triton_launch.cpu_launch = record
+    triton_backend = backends.get("triton")
+    backends.select = lambda x: triton_backend  # CPU tensors, no interpreter: launches only
+    calls = []
+    for n in batches:
+        for c, h, w in shapes:
+            for dtype_name in dtypes:
+                for layout in layouts:
+                    for name in passes:
+                        launched.clear()
+                        _call(bnkernels, name, (n, c, h, w), DTYPES[dtype_name], layout,
+                              launched)
+                        calls.append((name, dtype_name, layout, n, c, h, w, list(launched)))
+    return calls
+
+
+def _call(bnkernels, name, shape, dtype, layout, launched: list) -> None:
+    """The pass on uninitialised tensors (the kernels don't run: values don't matter);
+    launched holds the pass's launches after it (a backward's: not its forward's)."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    c = shape[1]
+    x = torch.empty(shape, dtype=dtype, memory_format=fmt)
+    w, b = torch.ones(c), torch.zeros(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    act = "relu" if name.startswith(("bnrelu", "bnaddrelu")) else None
+    res = torch.empty_like(x) if name.startswith("bnaddrelu") else None
+    training = not name.endswith("fwd_eval")
+    backward = name.endswith("bwd")
+    for t in (x, w, b, res) if backward else ():
+        if t is not None:
+            t.requires_grad_(True)
+    with torch.set_grad_enabled(backward):
+        y = bnkernels.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, activation=act,
+                                 residual=res)
+    if backward:
+        launched.clear()
+        y.backward(torch.empty_like(y))
+
+
+# ------------------------------------------------------------------ specialising, compiling
+
+def _specialised(kernel, args, meta, backend):
+    """What JITFunction.run would compile for these arguments: (key, ASTSource parts)."""
+    from triton.runtime.jit import create_function_from_signature
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, dict(meta), bound,
+                                                              specialization, options)
+    key = (kernel.fn.__name__, repr(specialization), repr(sorted(options.__dict__.items())))
+    return key, (kernel.fn.__name__, signature, constexprs, attrs, options.__dict__)
+
+
+def _compile(arch: int, variant) -> dict:
+    """A variant's cubin, read: registers, spills, and the loops' instruction counts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from bnkernels.backends.triton import kernels
+    name, signature, constexprs, attrs, options = variant
+    source = ASTSource(fn=getattr(kernels, name), signature=signature, constexprs=constexprs,
+                       attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    cubin = compiled.asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    res = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
+    return {"regs": int(res["REG"]), "spills": int(res.get("LOCAL", 0)), **read_loops(sass)}
+
+
+def _cuobjdump() -> str:
+    import triton.backends.nvidia as nvidia
+    bundled = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_WIDTHS = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def read_loops(sass: str) -> dict:
+    """The instructions inside loops (a backward branch's range) of a kernel's SASS:
+    their count, the narrowest global access, integer divisions and reciprocals."""
+    code = [(int(a, 16), op, rest) for a, _, op, rest in _INSTRUCTION.findall(sass)]
+    in_loop = set()
+    for address, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) <= address:
+            start = int(target.group(1), 16)
+            in_loop.update(a for a, _, _ in code if start <= a <= address)
+    loop = [(a, op) for a, op, _ in code if a in in_loop]
+    widths = [_width(op) for _, op in loop if op.startswith(("LDG", "STG"))]
+    idiv = sum(op.startswith("I2F") and ".RP" in op for _, op in loop)
+    rcp = sum(op.startswith("MUFU.RCP") for _, op in loop)
+    return {"loop_instructions": len(loop), "access_bits": min(widths) if widths else 0,
+            "idiv": idiv, "rcp": max(0, rcp - idiv)}
+
+
+def _width(op: str) -> int:
+    for part in op.split(".")[1:]:
+        if part in _WIDTHS:
+            return _WIDTHS[part]
+    return 32
+
+
+# ------------------------------------------------------------------ the table
+
+def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
+                   esize: int) -> dict:
+    meta = launch.meta
+    threads = 32 * meta.get("num_warps", 4)
+    block_c, block_r = meta["BLOCK_C"], meta.get("BLOCK_R", 1)
+    per_thread = max(1.0, block_c * block_r / threads)  # elements per thread per iteration
+    loop = read["loop_instructions"]
+    if launch.kernel == "_merge_kernel":
+        part_numel, splits, part_size = launch.partials
+        nbytes = (part_numel + 3 * c) * part_size
+        t_work = splits * loop / CLOCK_HZ  # the serial loop over the splits, 1 instr/clock
+    else:
+        nbytes = launch.tensors * numel * esize
+        padded = launch.grid[0] * block_c * -(-rows // block_r) * block_r
+        warp_instructions = padded * (loop / per_thread) / 32
+        t_work = warp_instructions / (ISSUE_PER_SM * SMS * CLOCK_HZ)
+    t_floor = nbytes / BANDWIDTH
+    return {"kernel": launch.kernel, "access_bits": read["access_bits"],
+            "idiv_per_elem": read["idiv"] / per_thread, "rcp_per_elem": read["rcp"] / per_thread,
+            "regs": read["regs"], "spills": read["spills"], "instr_per_elem": loop / per_thread,
+            "mbytes": nbytes / 1e6, "_time": max(t_floor, t_work), "_floor": t_floor,
+            "est_ratio": max(t_floor, t_work) / t_floor}
+
+
+def _pass_total(rows: list) -> dict:
+    time, floor = sum(r["_time"] for r in rows), sum(r["_floor"] for r in rows)
+    return {"kernel": "all", "access_bits": min(r["access_bits"] for r in rows),
+            "idiv_per_elem": sum(r["idiv_per_elem"] for r in rows),
+            "rcp_per_elem": sum(r["rcp_per_elem"] for r in rows),
+            "regs": max(r["regs"] for r in rows), "spills": max(r["spills"] for r in rows),
+            "instr_per_elem": sum(r["instr_per_elem"] for r in rows),
+            "mbytes": sum(r["mbytes"] for r in rows), "est_ratio": time / floor}
+
+
+def run(arch: int, quick: bool, jobs: int) -> list:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    variants: dict = {}
+    if quick:
+        calls = _record(PASSES, QUICK_SHAPES, [32], ["bfloat16"], LAYOUTS, backend, variants)
+    else:
+        calls = _record(PASSES, RESNET50_SHAPES, [32, 128], list(DTYPES), LAYOUTS, backend,
+                        variants)
+    print(f"{len(calls)} calls, {sum(len(call[-1]) for call in calls)} launches, "
+          f"{len(variants)} distinct variants to compile for sm_{arch}", flush=True)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {key: pool.submit(_compile, arch, v) for key, v in variants.items()}
+        reads = {key: f.result() for key, f in futures.items()}
+    table = []
+    for name, dtype, layout, n, c, h, w, launches in calls:
+        esize = DTYPES[dtype].itemsize
+        rows_of_pass = [_row_of_launch(launch, reads[launch.key], n * c * h * w, n * h * w, c,
+                                       esize) for launch in launches]
+        for row in rows_of_pass + [_pass_total(rows_of_pass)]:
+            table.append({**{k: v for k, v in row.items() if not k.startswith("_")},
+                          "pass": name, "dtype": dtype, "layout": layout, "N": n, "C": c,
+                          "H": h, "W": w})
+    return table
+
+
+def summary(table: list, arch: int) -> str:
+    totals = [r for r in table if r["kernel"] == "all"]
+    launches = [r for r in table if r["kernel"] != "all"]
+    big = [r for r in totals if r["mbytes"] >= 16]
+    import common
+    lines = [f"# Static check, sm_{arch}: {len(totals)} passes, {len(launches)} launches", "",
+             f"Compiled offline (no GPU) by triton {common.triton_version()}, torch "
+             f"{torch.__version__}, commit {common.commit()}; the model's constants: {SMS} "
+             f"SMs, {CLOCK_HZ / 1e9} GHz, {BANDWIDTH / 1e12} TB/s (bench/static_check.py).", "",
+             f"- launches with a global access narrower than 128 bits in a loop: "
+             f"{sum(r['access_bits'] < 128 for r in launches)}",
+             f"- launches with an integer division per element in a loop: "
+             f"{sum(r['idiv_per_elem'] > 0 for r in launches)}",
+             f"- launches with a reciprocal per element in a loop: "
+             f"{sum(r['rcp_per_elem'] > 0 for r in launches)}",
+             f"- launches that spill: {sum(r['spills'] > 0 for r in launches)}",
+             f"- passes of 16 MB or more: {len(big)}; estimated above 1.15x the floor: "
+             f"{sum(r['est_ratio'] > 1.15 for r in big)}", "",
+             "Worst ten passes of 16 MB or more by est_ratio:", "",
+             "| pass | dtype | layout | N | C | H | est_ratio |", "| --- " * 7 + "|"]
+    for r in sorted(big, key=lambda r: -r["est_ratio"])[:10]:
+        lines.append(f"| {r['pass']} | {r['dtype']} | {r['layout']} | {r['N']} | {r['C']} | "
+                     f"{r['H']} | {r['est_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "static")
+    parser.add_argument("--quick", action="store_true", help="three shapes, N=32, bfloat16")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("static_check.py compiles the kernels: run it without TRITON_INTERPRET")
+        return 2
+    table = run(args.arch, args.quick, args.jobs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"sm{args.arch}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in table:
+            writer.writerow({k: (f"{v:.3g}" if isinstance(v, float) else v)
+                             for k, v in row.items()})
+    text = summary(table, args.arch)
+    (args.out / f"summary_sm{args.arch}.md").write_text(text)
+    print(text + f"{len(table)} rows written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""bench/static_check.py: the kernels as a GPU launch compiles them (Triton's binder and
+specialisation, sm_90), read from their SASS, on a machine without a GPU."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import static_check  # noqa: E402
+
+COLUMNS = ("kernel,pass,dtype,layout,N,C,H,W,access_bits,idiv_per_elem,rcp_per_elem,regs,"
+           "spills,instr_per_elem,mbytes,est_ratio").split(",")
+
+# A made-up kernel: set-up, then a loop (the backward branch at 0x0060 to 0x0020) with a
+# 128-bit load, a 16-bit store, an integer division's I2F.U32.RP + MUFU.RCP and one other
+# MUFU.RCP; the 32-bit load and the MUFU.RCP after the loop are outside it.
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0030*/                   I2F.U32.RP R3, R9 ;
+        /*0040*/                   MUFU.RCP R3, R3 ;
+        /*0050*/              @P0  MUFU.RCP R5, R5 ;
+        /*0058*/                   STG.E.U16 desc[UR4][R6.64], R5 ;
+        /*0060*/              @P1  BRA 0x20 ;
+        /*0070*/                   MUFU.RCP R7, R7 ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_the_loops_are_read_from_the_sass():
+    read = static_check.read_loops(_SASS)
+    assert read == {"loop_instructions": 6, "access_bits": 16, "idiv": 1, "rcp": 1}
+
+
+def test_static_check_quick_writes_the_table(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(BENCH / "static_check.py"), "--quick", "--arch",
+                           "90", "--jobs", "2", "--out", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(tmp_path / "sm90.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    passes = {r["pass"] for r in rows}
+    assert passes == set(static_check.PASSES)
+    assert {r["layout"] for r in rows} == {"nchw", "channels_last"}
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"_reduce_kernel", "_merge_kernel", "_apply_kernel", "all"}
+    for r in rows:
+        assert int(r["access_bits"]) in (8, 16, 32, 64, 128)
+        assert float(r["est_ratio"]) >= 1.0 and float(r["mbytes"]) > 0
+        assert int(r["regs"]) > 0 and int(r["spills"]) == 0
+    # every pass has its total row, and an eval forward is one apply launch
+    eval_rows = [r for r in rows if r["pass"] == "fwd_eval"]
+    assert {r["kernel"] for r in eval_rows} == {"_apply_kernel", "all"}
+    assert (tmp_path / "summary_sm90.md").read_text().startswith("# Static check, sm_90")
+
+
+def test_static_check_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, str(BENCH / "static_check.py"), "--quick"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "without TRITON_INTERPRET" in done.stdout
