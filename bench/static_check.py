@@ -19,8 +19,8 @@ to 1), and compiled for the architecture. From the cubin (cuobjdump -sass, -res-
   est_ratio       estimated time / floor, the floor being the bytes at 3.0 TB/s. The time is
                   the largest of: the bytes at 3.0 TB/s; the loops' instructions over every
                   tile element (padding included) at 4 warp-instructions per clock per SM,
-                  132 SMs, 1.755 GHz; for the merge, its serial loop over the splits at one
-                  instruction per clock (a lower bound: one warp per channel block).
+                  132 SMs, 1.755 GHz; for the merge, its serial loop over the splits (steps
+                  of BLOCK_S) at one instruction per clock (a lower bound: one warp's chain).
 A row with kernel "all" sums a pass's launches (its est_ratio: the summed time over the
 pass's floor). The model ignores latency and bytes in flight, so an est_ratio near 1 is
 necessary, not sufficient: the GPU suite measures it (bn.md shows the two side by side).
@@ -217,7 +217,8 @@ def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
     if launch.kernel == "_merge_kernel":
         part_numel, splits, part_size = launch.partials
         nbytes = (part_numel + 3 * c) * part_size
-        t_work = splits * loop / CLOCK_HZ  # the serial loop over the splits, 1 instr/clock
+        steps = -(-splits // meta.get("BLOCK_S", 1))  # its serial loop over the splits
+        t_work = steps * loop / CLOCK_HZ  # at one instruction per clock
     else:
         nbytes = launch.tensors * numel * esize
         padded = launch.grid[0] * block_c * -(-rows // block_r) * block_r

@@ -373,7 +373,10 @@ def _reduce_kernel(
             v = x - k
             total += x
             count += r_mask.to(ACC)
-            inv = 1.0 / tl.maximum(count, 1.0)  # one division per lane, shared by the channels
+            # 1 / count, one division per tile: a lane active in this tile was active in
+            # every earlier one (rows only run out), so its count is the tile's number;
+            # an inactive lane's update is masked out below
+            inv = 1.0 / tl.cast((start - row0) // BLOCK_R + 1, ACC)
             delta = v - a
             a += tl.where(r_mask, delta * inv, 0.0)
             t = (delta * inv) * (v - a)
@@ -416,16 +419,21 @@ def _merge_kernel(
     part_ptr, out0_ptr, out1_ptr, out2_ptr, rm_ptr, rv_ptr, nbt_ptr,
     C, R, rows_per_split, num_splits, eps, momentum_hi, momentum_lo, srmC, srvC,
     BACKWARD: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Merges the splits of _reduce_kernel, in split order (bitwise reproducible).
+    """Merges the splits of _reduce_kernel, in a fixed order (bitwise reproducible): steps
+    of BLOCK_S splits, one after another, each step's splits merged as a tree.
 
     Forward: _welford_combine over the splits' (K, mean, var, sum), split k holding
-    n_k = min(rows_per_split, R - k*rows_per_split) rows (every earlier split is full);
-    then out0 = mean (_finish_stats), out1 = rstd = 1/sqrt(var + eps), out2 = var (biased),
-    and (UPDATE_RUNNING) the running statistics (_store_batch_stats).
-    The forward merge runs in float64, as the lanes' merge in _reduce_kernel.
-    Backward: out0 = sum g (dbeta), out1 = sum g*xhat (dgamma).
+    n_k = min(rows_per_split, R - k*rows_per_split) rows (every earlier split is full): a
+    step's [BLOCK_C, BLOCK_S] tile by _merge_lanes (pairwise, log2(BLOCK_S) rounds), then
+    into the running result; then out0 = mean (_finish_stats), out1 = rstd =
+    1/sqrt(var + eps), out2 = var (biased), and (UPDATE_RUNNING) the running statistics
+    (_store_batch_stats). In float64, as the lanes' merge in _reduce_kernel. A split past
+    the last (a step's padding) holds n = 0: _welford_combine skips it.
+    Backward: out0 = sum g (dbeta), out1 = sum g*xhat (dgamma), each step's tile summed.
+    Why steps of a tree, not one split after another: the merge is a serial chain, and
+    528 splits (C = 64 at 112x112 over an H100) made 528 dependent steps.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -437,20 +445,26 @@ def _merge_kernel(
     var = tl.zeros([BLOCK_C], f64)
     total = tl.zeros([BLOCK_C], f64)
     n = tl.zeros([BLOCK_C], f64)
-    for j in range(0, num_splits):
+    for j0 in range(0, num_splits, BLOCK_S):
+        j = j0 + tl.arange(0, BLOCK_S)
+        mask = c_mask[:, None] & (j < num_splits)[None, :]
+        offsets = j[None, :] * C + c[:, None]  # part[i, j, c]: c contiguous
         if BACKWARD:
-            a += tl.load(part_ptr + j * C + c, mask=c_mask, other=0.0)
-            b += tl.load(part_ptr + (num_splits + j) * C + c, mask=c_mask, other=0.0)
+            a += tl.sum(tl.load(part_ptr + offsets, mask=mask, other=0.0), axis=1)
+            b += tl.sum(tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0),
+                        axis=1)
         else:
             rows_before = tl.cast(j, tl.int64) * rows_per_split
-            n_j = tl.zeros([BLOCK_C], f64) + tl.minimum(rows_per_split, R - rows_before).to(f64)
-            k, mean, var, n, total = _welford_combine(
-                k, mean, var, n, total,
-                tl.load(part_ptr + j * C + c, mask=c_mask, other=0.0).to(f64),
-                tl.load(part_ptr + (num_splits + j) * C + c, mask=c_mask, other=0.0).to(f64),
-                tl.load(part_ptr + (2 * num_splits + j) * C + c, mask=c_mask, other=0.0).to(f64),
-                n_j,
-                tl.load(part_ptr + (3 * num_splits + j) * C + c, mask=c_mask, other=0.0).to(f64))
+            n_j = tl.where(j < num_splits, tl.minimum(rows_per_split, R - rows_before), 0)
+            n_tile = tl.zeros([BLOCK_C, BLOCK_S], f64) + n_j.to(f64)[None, :]
+            k_s, mean_s, var_s, total_s = _merge_lanes(
+                tl.load(part_ptr + offsets, mask=mask, other=0.0).to(f64),
+                tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0).to(f64),
+                tl.load(part_ptr + 2 * num_splits * C + offsets, mask=mask, other=0.0).to(f64),
+                n_tile,
+                tl.load(part_ptr + 3 * num_splits * C + offsets, mask=mask, other=0.0).to(f64))
+            k, mean, var, n, total = _welford_combine(k, mean, var, n, total, k_s, mean_s,
+                                                      var_s, tl.sum(n_tile, axis=1), total_s)
     if BACKWARD:
         tl.store(out0_ptr + c, a, mask=c_mask)
         tl.store(out1_ptr + c, b, mask=c_mask)

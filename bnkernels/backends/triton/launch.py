@@ -16,7 +16,7 @@ from ...activations import code
 from ...layout import acc_dtype, ncs_shape, ncs_strides
 from ..contract import BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate
 from .kernels import _apply_kernel, _merge_kernel, _reduce_kernel
-from .plan import MERGE_BLOCK_C, KernelLayout, LaunchPlan, kernel_layout, launch_plan
+from .plan import KernelLayout, LaunchPlan, kernel_layout, launch_plan, merge_tile
 from .replay import REPLAYS_MAX, Recording, Replay, slot_key
 
 _GL = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -240,11 +240,11 @@ class Launch:
                             **running.switches))
         if final:
             return
-        block = min(MERGE_BLOCK_C, triton.next_power_of_2(self.c))
-        self.launch(_merge_kernel, (triton.cdiv(self.c, block),), part, outs[0], outs[1], out2,
-                *running.pointers, self.c, self.rows, plan.rows_per_split, plan.splits, eps,
-                *running.momentum, *running.strides, BACKWARD=backward, BLOCK_C=block,
-                ACC=_GL[self.acc], **running.switches)
+        block_c, block_s = merge_tile(self.c, plan.splits)
+        self.launch(_merge_kernel, (triton.cdiv(self.c, block_c),), part, outs[0], outs[1],
+                    out2, *running.pointers, self.c, self.rows, plan.rows_per_split,
+                    plan.splits, eps, *running.momentum, *running.strides, BACKWARD=backward,
+                    BLOCK_C=block_c, BLOCK_S=block_s, ACC=_GL[self.acc], **running.switches)
 
     def apply(self, eps: float, stats: Normalizer, weight, bias, *, backward: bool,
               batch_stats: bool = False, activation: int = 0, sums=None, count=None,

@@ -18,8 +18,21 @@ GPU_TILE = 2048
 INTERPRETER_TILE = 16384
 # Programs the interpreter should aim for (it runs them one after another).
 INTERPRETER_PROGRAMS = 4
-# Channels per program of the per-channel merge kernel.
+# The merge kernel's tile: splits x channels per step, at most MERGE_TILE elements (five
+# float64 partials each, in registers), at most MERGE_BLOCK_S splits and MERGE_BLOCK_C
+# channels.
+MERGE_TILE = 1024
+MERGE_BLOCK_S = 64
 MERGE_BLOCK_C = 256
+
+
+def merge_tile(c: int, splits: int) -> Tuple[int, int]:
+    """(channels, splits) per step of the merge kernel. Splits first: a step merges its
+    splits as a tree (log2 rounds), and the steps run one after another, so 528 splits
+    take 9 steps, not 528; the channels left over share a program."""
+    block_s = min(next_pow2(splits), MERGE_BLOCK_S)
+    block_c = min(next_pow2(c), MERGE_BLOCK_C, max(1, MERGE_TILE // block_s))
+    return block_c, block_s
 
 
 class KernelLayout(NamedTuple):
