@@ -355,6 +355,7 @@ def _reduce_kernel(
         b_err = tl.zeros([BLOCK_C, BLOCK_R], ACC)
         total = tl.zeros([BLOCK_C, BLOCK_R], ACC)
         count = tl.zeros([1, BLOCK_R], ACC)
+        steps = tl.zeros([1, 1], ACC)  # the tiles this program has read
     for start in range(row0, row_end, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         r_mask = (r < row_end)[None, :]
@@ -376,7 +377,8 @@ def _reduce_kernel(
             # 1 / count, one division per tile: a lane active in this tile was active in
             # every earlier one (rows only run out), so its count is the tile's number;
             # an inactive lane's update is masked out below
-            inv = 1.0 / tl.cast((start - row0) // BLOCK_R + 1, ACC)
+            steps += 1.0
+            inv = 1.0 / steps
             delta = v - a
             a += tl.where(r_mask, delta * inv, 0.0)
             t = (delta * inv) * (v - a)
