@@ -4,7 +4,9 @@ The interpreter runs the kernels' Python, not what the GPU compiler makes of it:
 that interprets fine can still fail to compile (an op with no lowering, a type the
 backend refuses). Here every kernel variant a set of calls launches — recorded with the
 GPU's tile sizes — goes through triton.compile down to a cubin, for both architectures,
-in a subprocess without TRITON_INTERPRET (the kernels must be real JIT functions there).
+in a subprocess without TRITON_INTERPRET (the kernels must be real JIT functions there),
+specialised by Triton's own binder from the recorded arguments (pointer alignment, integers
+divisible by 16 or equal to 1), so that what compiles is what a GPU launch compiles.
 It needs no GPU: only triton's bundled compiler (ptxas).
 """
 import json
@@ -23,26 +25,27 @@ from helpers import make_input, random_params
 
 pytest.importorskip("triton.backends.nvidia")
 
-_POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-            torch.float64: "*fp64", torch.int64: "*i64"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 WORKER = Path(__file__).with_name("gpu_compile_worker.py")
 
 
 def _signature(kernel, args, meta):
-    signature = {}
+    """A launch as the worker rebuilds it: each argument (a tensor as its dtype and whether
+    it is 16-byte aligned, a scalar as its value: Triton specialises on both), the
+    constexprs and the warps. The worker specialises it with Triton's own binder, as a
+    GPU launch would be (bench/static_check.py)."""
+    described = []
     for name, value in zip(kernel.arg_names, args):
         if isinstance(value, torch.Tensor):
-            signature[name] = _POINTER[value.dtype]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif isinstance(value, int) and not isinstance(value, bool):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            described.append({"dtype": str(value.dtype).replace("torch.", ""),
+                              "aligned": value.data_ptr() % 16 == 0})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            described.append(value)
         else:
             raise TypeError(f"{name}: {value!r}")
     constexprs = {k: str(v) if not isinstance(v, (bool, int)) else v
                   for k, v in meta.items() if k not in _LAUNCH_OPTIONS}
-    return {"kernel": kernel.fn.__name__, "signature": signature, "constexprs": constexprs,
+    return {"kernel": kernel.fn.__name__, "args": described, "constexprs": constexprs,
             "num_warps": meta.get("num_warps", 4)}
 
 
@@ -118,6 +121,9 @@ def test_every_kernel_variant_compiles_for_the_gpu(variants, arch):
     # every variant compiled to a cubin, with no register spills at the plan's tile sizes
     spilled = [r for r in results if r["spills"]]
     assert not spilled, spilled
+    # compiled as specialised (16-byte aligned pointers, sizes divisible by 16), not as
+    # the scalar-only code an unspecialised compile makes
+    assert all(r["divisible"] > 0 for r in results)
     if os.environ.get("BNKERNELS_SHOW_REGISTERS"):
         for r in results:
             print(arch, r["kernel"], r["registers"], r["spills"], r["constexprs"])
