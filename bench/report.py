@@ -1,5 +1,6 @@
-"""bn.csv -> bn.md (speedups over torch, % of the run's copy bandwidth, the targets) and
-bn.png (speedup over torch per shape).
+"""bn.csv -> bn.md (speedups over torch, % of the run's copy bandwidth, the targets, and
+beside bnkernels_triton's time over the floor the static check's estimate of it,
+bench/results/static/sm90.csv) and bn.png (speedup over torch per shape).
 
     python bench/report.py bench/results/h100/bn.csv
 
@@ -53,7 +54,24 @@ def summarize(rows):
     return table, copy_gbps
 
 
-def markdown(rows) -> str:
+STATIC = Path(__file__).resolve().parent / "results" / "static" / "sm90.csv"
+
+
+def load_estimates(path: Path = STATIC) -> dict:
+    """bench/static_check.py's estimate (time over the bandwidth floor) of each pass, by
+    (op, dtype, layout, N, C, H, W); empty where there is no table."""
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        return {(r["pass"], r["dtype"], r["layout"], int(r["N"]), int(r["C"]), int(r["H"]),
+                 int(r["W"])): float(r["est_ratio"])
+                for r in csv.DictReader(f) if r["kernel"] == "all"}
+
+
+def markdown(rows, estimates=None) -> str:
+    """estimates (load_estimates): shown beside bnkernels_triton's measured time over the
+    floor (the run's copy bandwidth), so that the static model is checked too."""
+    estimates = load_estimates() if estimates is None else estimates
     table, copy_gbps = summarize(rows)
     meta = rows[0]
     out = [f"# BatchNorm benchmark: {meta['gpu']}",
@@ -65,9 +83,12 @@ def markdown(rows) -> str:
     verdicts = []
     for (op, dtype, layout), shapes in sorted(table.items()):
         providers = sorted({p for by_provider in shapes.values() for p in by_provider})
+        static = "bnkernels_triton" in providers and any(
+            (op, dtype, layout, *shape) in estimates for shape in shapes)
         out += [f"## {op} {dtype} {layout}", "",
-                "| N,C,H,W | " + " | ".join(f"{p} ms (x, %copy)" for p in providers) + " |",
-                "|---|" + "---|" * len(providers)]
+                "| N,C,H,W | " + " | ".join(f"{p} ms (x, %copy)" for p in providers) +
+                (" | triton x floor: static estimate / measured" if static else "") + " |",
+                "|---|" + "---|" * (len(providers) + static)]
         speedups = defaultdict(list)
         for shape, by_provider in sorted(shapes.items(), key=lambda kv: -kv[0][1] * kv[0][2]):
             base = by_provider["torch"][0]
@@ -76,6 +97,10 @@ def markdown(rows) -> str:
                 ms, gbps = by_provider[p]
                 speedups[p].append(base / ms)
                 cells.append(f"{ms:.3f} ({base / ms:.2f}x, {100 * gbps / copy_gbps:.0f}%)")
+            if static:
+                est = estimates.get((op, dtype, layout, *shape))
+                measured = copy_gbps / by_provider["bnkernels_triton"][1]
+                cells.append(f"{est:.2f} / {measured:.2f}" if est else f"- / {measured:.2f}")
             out.append(f"| {','.join(map(str, shape))} | " + " | ".join(cells) + " |")
         out.append("| geomean speedup | " + " | ".join(
             f"{_geomean(speedups[p]):.2f}x" for p in providers) + " |")

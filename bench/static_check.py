@@ -4,7 +4,7 @@
 
 No GPU needed. Each pass (fwd_train, fwd_eval, bwd, and the fused bnrelu_* / bnaddrelu_*)
 is called through bnkernels on CPU tensors of ResNet-50's twelve BN shapes at N = 32 and
-128, bfloat16 / float16 / float32, NCHW and channels_last, with the Triton backend's GPU
+128, bfloat16 / float16 / float32, NCHW and channels_last (nhwc), with the Triton backend's GPU
 plan (GPU_TILE, 4 programs per SM of an H100: 132 SMs); its launches are recorded, not run.
 Each distinct launch is then specialised by Triton's own binder, exactly as JITFunction.run
 would specialise it on a GPU (pointer alignment, integers divisible by 16, integers equal
@@ -53,7 +53,7 @@ COLUMNS = ["kernel", "pass", "dtype", "layout", "N", "C", "H", "W", "access_bits
 PASSES = ["fwd_train", "fwd_eval", "bwd", "bnrelu_fwd_train", "bnrelu_bwd",
           "bnaddrelu_fwd_train", "bnaddrelu_bwd"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-LAYOUTS = ["nchw", "channels_last"]
+LAYOUTS = ["nchw", "nhwc"]  # bench_bn.py's names: the GPU suite joins the two
 # The H100 the estimate models (SXM: DEVELOPERS.md's measured copy bandwidth).
 SMS, CLOCK_HZ, BANDWIDTH, ISSUE_PER_SM = 132, 1.755e9, 3.0e12, 4
 
@@ -115,7 +115,7 @@ def _record(passes, shapes, batches, dtypes, layouts, backend, variants: dict) -
 def _call(bnkernels, name, shape, dtype, layout, launched: list) -> None:
     """The pass on uninitialised tensors (the kernels don't run: values don't matter);
     launched holds the pass's launches after it (a backward's: not its forward's)."""
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     c = shape[1]
     x = torch.empty(shape, dtype=dtype, memory_format=fmt)
     w, b = torch.ones(c), torch.zeros(c)

@@ -36,6 +36,18 @@ def test_report_writes_the_table_and_targets(tmp_path):
     assert (tmp_path / "bn.png").stat().st_size > 0
 
 
+def test_report_puts_the_static_estimate_beside_the_measurement(tmp_path):
+    bench_bn.main(["--smoke", "--dtypes", "float32", "--out", str(tmp_path)])
+    rows = report.load_last_run(tmp_path / "bn.csv")
+    r = next(r for r in rows if r["op"] == "fwd_train" and r["layout"] == "nhwc")
+    shape = tuple(int(r[k]) for k in ("N", "C", "H", "W"))
+    md = report.markdown(rows, estimates={("fwd_train", "float32", "nhwc", *shape): 1.23})
+    assert "triton x floor: static estimate / measured" in md and "| 1.23 / " in md
+    # the committed table's keys are the benchmark's (pass, dtype, layout, shape)
+    estimates = report.load_estimates()
+    assert ("fwd_train", "bfloat16", "nhwc", 128, 64, 112, 112) in estimates
+
+
 def test_fused_ops_smoke(tmp_path):
     ops = ",".join(bench_bn.FUSED_OPS)
     assert bench_bn.main(["--smoke", "--dtypes", "float32", "--layouts", "nhwc", "--ops", ops,

@@ -51,7 +51,7 @@ def test_static_check_quick_writes_the_table(tmp_path):
         rows = list(reader)
     passes = {r["pass"] for r in rows}
     assert passes == set(static_check.PASSES)
-    assert {r["layout"] for r in rows} == {"nchw", "channels_last"}
+    assert {r["layout"] for r in rows} == {"nchw", "nhwc"}
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_reduce_kernel", "_merge_kernel", "_apply_kernel", "all"}
     for r in rows:
