@@ -17,7 +17,7 @@ from ...layout import acc_dtype, ncs_shape, ncs_strides
 from ..contract import BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate
 from .kernels import _apply_kernel, _merge_kernel, _reduce_kernel
 from .plan import KernelLayout, LaunchPlan, kernel_layout, launch_plan, merge_tile
-from .replay import REPLAYS_MAX, Recording, Replay, slot_key
+from .replay import REPLAYS_MAX, Recording, slot_key
 
 _GL = {torch.float32: tl.float32, torch.float64: tl.float64}
 # Each kernel's pass, the key of launch_counts.
