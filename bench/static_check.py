@@ -211,7 +211,7 @@ def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
                    esize: int) -> dict:
     meta = launch.meta
     threads = 32 * meta.get("num_warps", 4)
-    block_c, block_r = meta["BLOCK_C"], meta.get("BLOCK_R", 1)
+    block_c, block_r = meta["BLOCK_C"], meta.get("BLOCK_R", meta.get("BLOCK_S", 1))
     per_thread = max(1.0, block_c * block_r / threads)  # elements per thread per iteration
     loop = read["loop_instructions"]
     if launch.kernel == "_merge_kernel":

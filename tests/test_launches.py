@@ -389,3 +389,16 @@ def test_a_recording_that_cannot_be_rebuilt_is_not_replayed():
     unbound = Recording((a, b))
     unbound.launch("apply", None, (a, b, 4))
     assert foreign.replay() is None and two_slots.replay() is None and unbound.replay() is None
+
+
+def test_nchw_tiles_are_fitted_to_the_rows(monkeypatch):
+    """An NCHW tile shortens (the tile holding more channels instead) where that pads the
+    last tile less: 128 x 7 x 7 = 6272 rows in 256-row tiles (98% of the lanes active), not
+    in 2048-row ones (77%); no shorter than MIN_FITTED_ROWS."""
+    from bnkernels.backends.triton import plan as triton_plan
+    monkeypatch.setattr(triton_plan, "INTERPRETER_TILE", triton_plan.GPU_TILE)
+    tiles = triton_plan.launch_plan(128, 2048, 49, False, torch.device("cpu"))
+    assert (tiles.block_r, tiles.block_c) == (256, 8)
+    assert triton_plan.launch_plan(32, 2048, 49, False, torch.device("cpu")).block_r == 256
+    assert triton_plan.launch_plan(32, 64, 3136, False, torch.device("cpu")).block_r == 2048
+    assert triton_plan.launch_plan(2, 8, 3, False, torch.device("cpu")).block_r == 8
