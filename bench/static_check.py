@@ -137,6 +137,16 @@ def _call(bnkernels, name, shape, dtype, layout, launched: list) -> None:
 
 # ------------------------------------------------------------------ specialising, compiling
 
+def binder_available() -> bool:
+    """Whether this triton has the binder _specialised drives (triton 3.9's JITFunction
+    internals: create_function_from_signature, JITFunction._pack_args)."""
+    try:
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(JITFunction, "_pack_args")
+
+
 def _specialised(kernel, args, meta, backend):
     """What JITFunction.run would compile for these arguments: (key, ASTSource parts)."""
     from triton.runtime.jit import create_function_from_signature
@@ -305,6 +315,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("static_check.py compiles the kernels: run it without TRITON_INTERPRET")
+        return 2
+    if not binder_available():
+        import triton
+        print(f"static_check.py drives triton's binder as triton 3.9 has it; triton "
+              f"{triton.__version__} has not (run it where requirements/cpu.txt is installed)")
         return 2
     table = run(args.arch, args.quick, args.jobs)
     args.out.mkdir(parents=True, exist_ok=True)
