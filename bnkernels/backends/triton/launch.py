@@ -78,6 +78,15 @@ def _argument_key(kernel, args) -> tuple:
     return tuple(t.dtype for t in tensors), aligned, args[pointers:]
 
 
+def _keep(cache: dict, limit: int, key, value):
+    """cache[key] = value, the oldest entry dropped past limit (the caches below are
+    keyed by shapes and signatures: a dynamic-shape workload would grow them forever)."""
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
 def _bound_launch(kernel, grid, args, meta):
     """Launches kernel; its runner (None where there is none: bound launches off, or a
     signature _runner can't take)."""
@@ -92,9 +101,7 @@ def _bound_launch(kernel, grid, args, meta):
     compiled = _first_launch(kernel, grid, args, meta)  # launches, through Triton's binder
     runner = _runner(kernel, compiled, grid, len(args), meta)
     if runner is not None:
-        if len(_RUNNERS) >= _RUNNERS_MAX:
-            _RUNNERS.pop(next(iter(_RUNNERS)))
-        _RUNNERS[key] = runner
+        _keep(_RUNNERS, _RUNNERS_MAX, key, runner)
     return runner
 
 
@@ -139,17 +146,14 @@ class _Shape(NamedTuple):
 
 
 _SHAPES: dict = {}
-_SHAPES_MAX = 4096  # distinct shapes kept (a dynamic-shape workload would grow it forever)
+_SHAPES_MAX = 4096  # distinct shapes kept
 
 
 def _shape_of(x: torch.Tensor, named: dict) -> _Shape:
     key = (x.device, x.dtype, x.shape, tuple((role, t.stride()) for role, t in named.items()))
     shape = _SHAPES.get(key)
-    if shape is None:
-        shape = _SHAPES[key] = _plan_shape(x, named)
-        if len(_SHAPES) > _SHAPES_MAX:
-            _SHAPES.pop(next(iter(_SHAPES)))
-    return shape
+    return shape if shape is not None else _keep(_SHAPES, _SHAPES_MAX, key,
+                                                  _plan_shape(x, named))
 
 
 def _plan_shape(x: torch.Tensor, named: dict) -> _Shape:
@@ -316,36 +320,24 @@ def _or_x(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 _REPLAYS: dict = {}
 
 
-def _replayed(slots: tuple, scalars: tuple):
-    """(the call's Replay or None, its signature: None where the call can't be recorded)."""
-    tensors, aligned = slot_key(slots)
-    if not aligned:
-        return None, None  # the runners were bound for aligned pointers
-    x = slots[0]
-    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
-        return None, None  # _launch makes that device current; a replay would not
-    key = (x.shape, x.device, scalars, tensors, cpu_launch, bound_launches)
-    replay = _REPLAYS.get(key, _REPLAYS)  # (the dict itself: never planned)
-    if replay is _REPLAYS:
-        return None, key
-    if replay is not None:
-        replay.run(slots, launch_counts)
-        return replay, None
-    return None, None  # planned every time
-
-
 def _replay_or_plan(call, slots: tuple, scalars: tuple, plan) -> None:
     """The call's replay where it has one; else plan(call, recording) launches it, recorded
     for the next call of its signature where it can be."""
-    replay, key = _replayed(slots, scalars)
-    if replay is not None:
+    tensors, aligned = slot_key(slots)
+    x = slots[0]
+    # not recorded: misaligned pointers (the runners were bound for aligned ones), or a
+    # device that _launch must make current (a replay would not)
+    recordable = aligned and not (x.device.type == "cuda" and
+                                  x.device.index != torch.cuda.current_device())
+    key = (x.shape, x.device, scalars, tensors, cpu_launch, bound_launches)
+    replay = _REPLAYS.get(key, _REPLAYS) if recordable else None  # _REPLAYS: never planned
+    if replay is not None and replay is not _REPLAYS:
+        replay.run(slots, launch_counts)
         return
-    recording = None if key is None else Recording(slots)
+    recording = Recording(slots) if replay is _REPLAYS else None
     plan(call, recording)
     if recording is not None:
-        if len(_REPLAYS) >= REPLAYS_MAX:
-            _REPLAYS.pop(next(iter(_REPLAYS)))
-        _REPLAYS[key] = recording.replay()
+        _keep(_REPLAYS, REPLAYS_MAX, key, recording.replay())
 
 
 def forward(call: ForwardCall) -> None:
