@@ -303,14 +303,7 @@ def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     else:
         out = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training,
                                       eps, activation, residual, None, False)
-    if update is not None:
-        _update_with_torch_ops(update, x, out[1].detach(), out[3].detach())
+    if update is not None:  # the ops are functional: torch ops update the buffers
+        apply_update(update, out[1].detach(), out[3].detach(),
+                     x.numel() // x.shape[1] if x.shape[1] else 0)
     return out[0]
-
-
-def _update_with_torch_ops(update: RunningUpdate, x: Tensor, mean: Tensor, var: Tensor):
-    count = x.numel() // x.shape[1] if x.shape[1] else 0
-    if count > 0:
-        apply_update(update, mean, var, count)
-    elif update.num_batches_tracked is not None:  # an empty batch counts, moves nothing
-        update.num_batches_tracked.add_(1)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import backends
 from .backends.contract import (BackwardCall, BatchStats, ForwardCall, GradSums, Normalizer,
-                                RunningUpdate)
+                                RunningUpdate, apply_update)
 from .layout import acc_dtype, alloc_output, kernel_ready
 
 
@@ -76,8 +76,8 @@ def run_forward(x, weight, bias, running_mean, running_var, training, eps, activ
                                                                     var=running_var),
                            batch=stats if training else None, update=update)
         backends.select(x).forward(call)
-    elif update is not None and update.num_batches_tracked is not None:
-        update.num_batches_tracked.add_(1)  # an empty batch counts, but moves no statistic
+    elif update is not None:
+        apply_update(update, None, None, 0)  # an empty batch counts, but moves no statistic
     if update is not None:  # written by kernels: autograd's version counters must move
         torch.autograd.graph.increment_version(
             [t for t in (update.mean, update.var, update.num_batches_tracked) if t is not None])

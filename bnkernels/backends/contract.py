@@ -104,12 +104,15 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
                 buf.copy_(torch.lerp(buf.to(acc), batch, factor))
 
 
-def apply_update(update: "RunningUpdate", mean: Tensor, var: Tensor, count: int) -> None:
-    """A RunningUpdate as torch ops: the counter first, then the statistics it weighs."""
+def apply_update(update: "RunningUpdate", mean: Optional[Tensor], var: Optional[Tensor],
+                 count: int) -> None:
+    """A RunningUpdate as torch ops: the counter first, then the statistics it weighs. An
+    empty batch (count 0; mean and var unread) counts, but moves no statistic."""
     if update.num_batches_tracked is not None:
         update.num_batches_tracked.add_(1)
-    update_running_stats(update.mean, update.var, mean, var, count, update.momentum,
-                         update.num_batches_tracked)
+    if count > 0:
+        update_running_stats(update.mean, update.var, mean, var, count, update.momentum,
+                             update.num_batches_tracked)
 
 
 @dataclass(slots=True)
