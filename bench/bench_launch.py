@@ -12,7 +12,9 @@ backward). Providers:
   torch                              torch.nn.functional.batch_norm (cuDNN)
 
 Host time: time.perf_counter_ns around each call, not waiting for the GPU (median,
-20th/80th percentiles over --calls calls after warm-up). The queue is drained (synchronize)
+20th/80th percentiles over --calls calls after warm-up). The providers of a shape take
+turns, ROUNDS rounds of --calls / ROUNDS calls each, so a slow phase of the machine falls
+on all of them alike. The queue is drained (synchronize)
 every 50 calls, outside the timed region, so a slow GPU never blocks a launch.
 Rows are appended to DIR/launch.csv (default bench/results/<gpu>/), with the device,
 versions and commit. --smoke: tiny run on CPU (interpreter / emulation), checks the harness.
@@ -47,6 +49,7 @@ OPS = ["fwd_eval", "fwd_train", "train_step"]
 PROVIDERS = ["bnkernels_triton", "bnkernels_cuda", "launch_triton", "launch_cuda", "torch"]
 CPU_PROVIDERS = ["bnkernels_triton", "launch_triton", "torch"]
 SYNC_EVERY = 50
+ROUNDS = 10  # the providers take turns (_host_times_us)
 
 
 def _call(op, provider, shape, dtype, device):
@@ -78,21 +81,33 @@ def _call(op, provider, shape, dtype, device):
     return step
 
 
-def _host_times_us(fn, calls, device):
+def _host_times_us(fns: dict, calls: int, device: str) -> dict:
+    """Each provider's (median, p20, p80) host time per call. The providers take turns, in
+    ROUNDS rounds of calls // ROUNDS calls each (after a few untimed ones under that
+    provider's backend), so that a slow phase of the machine falls on all of them alike."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(20):  # warm-up: JIT compiles, library loads, allocator caches
-        fn()
-    sync()
-    samples = []
-    for i in range(calls):
-        start = time.perf_counter_ns()
-        fn()
-        samples.append((time.perf_counter_ns() - start) / 1e3)
-        if (i + 1) % SYNC_EVERY == 0:
-            sync()
-    sync()
-    q = statistics.quantiles(samples, n=10)
-    return statistics.median(samples), q[1], q[7]
+    samples = {provider: [] for provider in fns}
+    per_round = max(1, calls // ROUNDS)
+    for round_ in range(ROUNDS):
+        for provider, fn in fns.items():
+            with common.backend_for(provider.replace("launch_", "bnkernels_")):
+                # warm-up: JIT compiles, library loads, allocator caches, the replays
+                for _ in range(20 if round_ == 0 else 3):
+                    fn()
+                sync()
+                timed = samples[provider]
+                for i in range(per_round):
+                    start = time.perf_counter_ns()
+                    fn()
+                    timed.append((time.perf_counter_ns() - start) / 1e3)
+                    if (i + 1) % SYNC_EVERY == 0:
+                        sync()
+                sync()
+    out = {}
+    for provider, timed in samples.items():
+        q = statistics.quantiles(timed, n=10)
+        out[provider] = (statistics.median(timed), q[1], q[7])
+    return out
 
 
 class _NoOpCompiled:
@@ -128,20 +143,20 @@ def run(args) -> list:
     rows = []
     for op in OPS:
         for shape in shapes:
-            line = []
+            fns = {}
             for provider in providers:
-                backend_name = provider.replace("launch_", "bnkernels_")
-                with common.backend_for(backend_name):
+                with common.backend_for(provider.replace("launch_", "bnkernels_")):
                     fn = _call(op, provider, shape, dtype, device)
-                    if fn is None:
-                        continue
-                    med, p20, p80 = _host_times_us(fn, args.calls, device)
+                if fn is not None:
+                    fns[provider] = fn
+            times = _host_times_us(fns, args.calls, device)
+            for provider, (med, p20, p80) in times.items():
                 rows.append(dict(op=op, dtype=str(dtype).replace("torch.", ""), N=shape[0],
                                  C=shape[1], H=shape[2], W=shape[3], provider=provider,
                                  host_us_median=med, host_us_p20=p20, host_us_p80=p80,
                                  calls=args.calls, **meta))
-                line.append(f"{provider} {med:.1f}")
-            print(f"{op} {shape}: " + ", ".join(line) + " us", flush=True)
+            print(f"{op} {shape}: " + ", ".join(f"{p} {t[0]:.1f}" for p, t in times.items())
+                  + " us", flush=True)
     return rows
 
 

@@ -67,11 +67,17 @@ def _save(ctx, inputs, output, statistics_returned: bool = True) -> None:
 def _backward(ctx, grad_y, bwd):
     """The gradients of batch_norm_fwd's inputs; bwd runs the backward op (the op itself,
     or BatchNormBackwardFunction.apply where it must be differentiable again)."""
+    needs = ctx.needs_input_grad
+    dx, dweight, dbias, dres = _gradients(ctx, grad_y, bwd, needs[0], needs[1], needs[2],
+                                          needs[8])
+    return dx, dweight, dbias, None, None, None, None, None, dres
+
+
+def _gradients(ctx, grad_y, bwd, need_dx, need_dweight, need_dbias, need_dres):
+    """(dx, dweight, dbias, dresidual), each None where not wanted (_backward)."""
     if grad_y is None:  # y reached no loss (set_materialize_grads(False))
-        return (None,) * 9
+        return None, None, None, None
     x, weight, bias, residual, output, mean, rstd, var = ctx.saved_tensors
-    need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
-    need_dres = ctx.needs_input_grad[8]
     fused_dres = need_dres and ctx.activation is not None
     dx, sum_g, sum_gx, dres = bwd(grad_y, x, weight, bias, residual, output, mean, rstd, var,
                                   ctx.eps, ctx.activation, need_dx, need_dweight or need_dbias,
@@ -79,10 +85,13 @@ def _backward(ctx, grad_y, bwd):
     if need_dres and not fused_dres:
         dres = grad_y  # z = bn(x) + residual with no activation: dL/dresidual = dL/dy
     return (dx if need_dx else None,
-            sum_gx.to(weight.dtype) if need_dweight else None,
-            sum_g.to(ctx.bias_dtype) if need_dbias else None,
-            None, None, None, None, None,
+            _cast(sum_gx, weight.dtype) if need_dweight else None,
+            _cast(sum_g, ctx.bias_dtype) if need_dbias else None,
             dres if need_dres else None)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _save_all(ctx, inputs, output) -> None:
@@ -188,6 +197,39 @@ class DirectBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         return BatchNormFunction.jvp(ctx, *tangents)[0]
+
+
+class ReplayRefused(Exception):
+    """A replay (eager.py) declined a call before launching anything: it runs in full."""
+
+
+class ReplayedBatchNormFunction(torch.autograd.Function):
+    """DirectBatchNormFunction for a call eager.py replays: the same saved tensors and
+    backward, with the launches the replay's (replay.outputs forward, replay.run_backward
+    in the first-order backward). Fewer inputs (each costs host time in apply): the
+    scalars are the replay's, the buffers (running mean, running var, num_batches_tracked)
+    one tuple."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, replay, buffers):
+        running_mean, running_var, num_batches_tracked = buffers
+        output = replay.outputs(x, weight, bias, running_mean, running_var,
+                                num_batches_tracked, residual)
+        if output is None:
+            raise ReplayRefused
+        _save(ctx, (x, weight, bias, running_mean, running_var, replay.training, replay.eps,
+                    replay.activation, residual), output, statistics_returned=False)
+        ctx.replay = replay
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        plain = not torch.is_grad_enabled() and direct(grad_y)
+        needs = ctx.needs_input_grad
+        dx, dweight, dbias, dres = _gradients(
+            ctx, grad_y, ctx.replay.run_backward if plain else BatchNormBackwardFunction.apply,
+            needs[0], needs[1], needs[2], needs[3])
+        return dx, dweight, dbias, dres, None, None
 
 
 class BatchNormBackwardFunction(torch.autograd.Function):

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import activations, autograd
+from . import activations, autograd, eager
 from .backends.contract import RunningUpdate
 from .layout import ncs_shape
 
@@ -185,8 +185,18 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if momentum is None:  # torch's op takes a float; the modules' None goes through batch_norm_impl
         raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not "
                         "NoneType")
-    momentum = check_momentum(momentum)
+    return eager.forward(checked_batch_norm, input, running_mean, running_var, weight, bias,
+                         training, check_momentum(momentum), eps, None, activation, residual)
+
+
+def checked_batch_norm(input: Tensor, running_mean: Optional[Tensor],
+                       running_var: Optional[Tensor], weight: Optional[Tensor],
+                       bias: Optional[Tensor], training: bool, momentum: Optional[float],
+                       eps: float, num_batches_tracked: Optional[Tensor],
+                       activation: Optional[str], residual: Optional[Tensor]) -> Tensor:
+    """batch_norm_impl after every check (nothing written before they pass): a call in
+    full, as eager.forward makes it where it has no replay."""
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     check_epilogue_args(input, activation, residual)
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training,
-                           momentum, eps, activation=activation, residual=residual)
+                           momentum, eps, num_batches_tracked, activation, residual)

@@ -10,9 +10,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from . import activations
-from .functional import (batch_norm_impl, check_batch_norm_args, check_epilogue_args,
-                         check_momentum)
+from . import activations, eager
+from .functional import checked_batch_norm, check_momentum
 
 
 class _BatchNormForward:
@@ -29,19 +28,16 @@ class _BatchNormForward:
         keep_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep_running else None
         running_var = self.running_var if keep_running else None
-        # Checked before num_batches_tracked moves: a call that raises changes nothing.
-        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
-                              use_batch_stats, self.eps)
-        check_epilogue_args(input, activation, residual)
-        momentum = check_momentum(self.momentum)
+        momentum = check_momentum(self.momentum)  # before num_batches_tracked moves
         num_batches_tracked = None  # the counter this call increments (as torch's add_(1))
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             num_batches_tracked = self.num_batches_tracked
         if momentum is None and num_batches_tracked is None:
             momentum = 0.0  # torch's factor where there is no counter to average with
-        return batch_norm_impl(input, running_mean, running_var, self.weight, self.bias,
-                               use_batch_stats, momentum, self.eps, num_batches_tracked,
-                               activation=activation, residual=residual)
+        # the checks run before anything is written: a call that raises changes nothing
+        return eager.forward(checked_batch_norm, input, running_mean, running_var, self.weight,
+                             self.bias, use_batch_stats, momentum, self.eps,
+                             num_batches_tracked, activation, residual)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):

@@ -31,6 +31,7 @@ run_forward's `update` has the kernels update them in the launches they already 
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -40,6 +41,23 @@ from . import backends
 from .backends.contract import (BackwardCall, BatchStats, ForwardCall, GradSums, Normalizer,
                                 RunningUpdate, apply_update)
 from .layout import acc_dtype, alloc_output, kernel_ready
+
+
+class _CallLog(threading.local):
+    """The calls run_forward and run_backward hand a backend while a caller listens
+    (eager.py records a call's replayer from them): a list of (backend, call), or None."""
+    calls: Optional[list] = None
+
+
+call_log = _CallLog()
+
+
+def _run(call, forward: bool, x: Tensor) -> None:
+    backend = backends.select(x)
+    (backend.forward if forward else backend.backward)(call)
+    calls = call_log.calls
+    if calls is not None:
+        calls.append((backend, call))
 
 
 def _acc_vectors(x: Tensor, length: int, count: int) -> Tuple[Tensor, ...]:
@@ -75,7 +93,7 @@ def run_forward(x, weight, bias, running_mean, running_var, training, eps, activ
                            running=None if training else Normalizer(running_mean,
                                                                     var=running_var),
                            batch=stats if training else None, update=update)
-        backends.select(x).forward(call)
+        _run(call, True, x)
     elif update is not None:
         apply_update(update, None, None, 0)  # an empty batch counts, but moves no statistic
     if update is not None:  # written by kernels: autograd's version counters must move
@@ -106,7 +124,7 @@ def run_backward(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps
             through_batch_stats=rstd is not None, dx=dx if need_dx else None,
             dres=dres if need_dres else None,
             sums=GradSums(sum_g, sum_gx) if need_sums else None)
-        backends.select(x).backward(call)
+        _run(call, False, x)
     return dx, sum_g, sum_gx, dres
 
 

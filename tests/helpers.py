@@ -188,3 +188,42 @@ def assert_onnx_export_matches(folded, model, x, path, dynamo=False):
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
+
+
+class _InterpretedCompiled:
+    """A compiled kernel whose runner runs the kernel in the interpreter, given what a real
+    runner is given: every parameter positionally (constexprs too), a 3-D grid."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args: self.kernel[grid](*args)
+
+
+def bound_launches_on_cpu(monkeypatch) -> list:
+    """CPU tensors launch as CUDA ones do (pre-bound runners, replayed calls), the runners
+    interpreting the kernels: the replay path computes for real, on CPU, eager.py's replays
+    included. Returns the list that every replay run is appended to."""
+    from bnkernels import eager
+    from bnkernels.backends.triton import launch as triton_launch, replay
+    monkeypatch.setattr(eager, "_FORWARD", {})
+    monkeypatch.setattr(triton_launch, "_RUNNERS", {})
+    monkeypatch.setattr(triton_launch, "_REPLAYS", {})
+    monkeypatch.setattr(triton_launch, "bound_launches", True)
+    monkeypatch.setattr(triton_launch, "cpu_launch", triton_launch._bound_launch)
+
+    def first_launch(kernel, grid, args, meta):
+        triton_launch._interpret(kernel, grid, args, meta)
+        return _InterpretedCompiled(kernel)
+
+    monkeypatch.setattr(triton_launch, "_first_launch", first_launch)
+    ran = []
+    real_run = replay.Replay.run
+
+    def run(self, slots, counts):
+        ran.append(self)
+        real_run(self, slots, counts)
+
+    monkeypatch.setattr(replay.Replay, "run", run)
+    return ran

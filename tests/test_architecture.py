@@ -21,6 +21,7 @@ LAYERS = [
     {"backends"},  # and everything below it
     {"ops"},
     {"autograd"},
+    {"eager"},
     {"functional"},
     {"modules", "norm_act", "replace", "fuse", "convert", "fold_math", "fold", "sync_batch_norm"},
     {"selfcheck", "__init__"},

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 import bnkernels
 from bnkernels import backends
 from bnkernels.backends.triton import launch as triton_launch
-from helpers import bn_pair, launches, make_input
+from helpers import bn_pair, bound_launches_on_cpu, launches, make_input
 
 # Leaf aten ops that allocate, alias or only look: no device work.
 _NO_WORK = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::detach",
@@ -262,43 +262,6 @@ def test_bench_launch_cpu_runs_the_gpu_host_path(tmp_path):
 
 # ------------------------------------------------------------------------- replayed calls
 
-class _InterpretedCompiled:
-    """A compiled kernel whose runner runs the kernel in the interpreter, given what a real
-    runner is given: every parameter positionally (constexprs too), a 3-D grid."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return lambda *args: self.kernel[grid](*args)
-
-
-def _bound_launches_on_cpu(monkeypatch) -> list:
-    """CPU tensors launch as CUDA ones do (pre-bound runners, replayed calls), the runners
-    interpreting the kernels: the replay path computes for real, on CPU. Returns the list
-    that every replay run is appended to."""
-    from bnkernels.backends.triton import replay
-    monkeypatch.setattr(triton_launch, "_RUNNERS", {})
-    monkeypatch.setattr(triton_launch, "_REPLAYS", {})
-    monkeypatch.setattr(triton_launch, "bound_launches", True)
-    monkeypatch.setattr(triton_launch, "cpu_launch", triton_launch._bound_launch)
-
-    def first_launch(kernel, grid, args, meta):
-        triton_launch._interpret(kernel, grid, args, meta)
-        return _InterpretedCompiled(kernel)
-
-    monkeypatch.setattr(triton_launch, "_first_launch", first_launch)
-    ran = []
-    real_run = replay.Replay.run
-
-    def run(self, slots, counts):
-        ran.append(self)
-        real_run(self, slots, counts)
-
-    monkeypatch.setattr(replay.Replay, "run", run)
-    return ran
-
-
 def _training_run(make_module, inputs, channels_last, fused):
     """Each input through a fresh module's training step (forward, backward) and then an
     eval forward: everything each step gave, and the buffers at the end."""
@@ -344,7 +307,7 @@ def test_replayed_calls_compute_bitwise_what_planned_calls_compute(
 
     planned = _training_run(make_module, inputs, channels_last, fused)
     with pytest.MonkeyPatch.context() as mp:
-        ran = _bound_launches_on_cpu(mp)
+        ran = bound_launches_on_cpu(mp)
         before = collections.Counter(triton_launch.launch_counts)
         replayed = _training_run(make_module, inputs, channels_last, fused)
         counted = collections.Counter(triton_launch.launch_counts)
@@ -367,7 +330,7 @@ def test_misaligned_calls_are_planned_every_time_and_stay_exact(monkeypatch):
     w, b = torch.rand(6) + 0.5, torch.randn(6)
     planned = [bnkernels.batch_norm(x, None, None, w, b, True) for _ in range(2)]
     with pytest.MonkeyPatch.context() as mp:
-        ran = _bound_launches_on_cpu(mp)
+        ran = bound_launches_on_cpu(mp)
         bound = [bnkernels.batch_norm(x, None, None, w, b, True) for _ in range(3)]
     assert ran == []
     assert all(torch.equal(planned[0], y) for y in planned[1:] + bound)

@@ -118,20 +118,35 @@ def _environment_reader():
 _environment = _environment_reader()
 
 
-def select(x: torch.Tensor) -> Backend:
-    """The backend that runs a call on x."""
-    device = x.device
-    device_type = device.type
+def environment() -> tuple:
+    """The values of the variables select() reads (its answer for a device type and size
+    class is a function of them, except auto's on small CUDA tensors: cached_choice)."""
+    return _environment()
+
+
+def cached_choice(x: torch.Tensor) -> bool:
+    """Whether select(x)'s answer is kept for x's device type, size class and environment()
+    (not auto on a small CUDA tensor, which a library built later changes)."""
+    return select(x) is _SELECTED.get(_selection_key(x))
+
+
+def _selection_key(x: torch.Tensor) -> tuple:
+    device_type = x.device.type
     # auto on CUDA tensors also weighs x's size class, and, for the small one, whether a
     # library is built yet (a later build changes the answer: that one is not kept)
     size_class = device_type == "cuda" and x.numel() <= AUTO_CUDA_MAX_NUMEL
     # (the interpreter's and the emulation's variables only matter for CPU tensors, but
     # reading them is cheaper than telling)
-    key = (device_type, size_class, _environment())
+    return device_type, size_class, _environment()
+
+
+def select(x: torch.Tensor) -> Backend:
+    """The backend that runs a call on x."""
+    key = _selection_key(x)
     backend = _SELECTED.get(key)
     if backend is None:
         backend = _select(x)
-        if not (size_class and requested() == "auto"):
+        if not (key[1] and requested() == "auto"):
             _SELECTED[key] = backend
     return backend
 

@@ -177,6 +177,37 @@ class BackwardCall:
             raise ValueError("the saved output serves only as relu's mask")
 
 
+def forward_slots(call: ForwardCall) -> tuple:
+    """Every tensor of a ForwardCall, None where absent, in the one order a forward
+    replayer takes them: x, weight, bias, residual, y, batch (mean, rstd, var), running
+    (mean, rstd, var), update (mean, var, num_batches_tracked)."""
+    batch, running, update = call.batch, call.running, call.update
+    return (call.x, call.weight, call.bias, call.residual, call.y,
+            *((batch.mean, batch.rstd, batch.var) if batch else (None,) * 3),
+            *((running.mean, running.rstd, running.var) if running else (None,) * 3),
+            *((update.mean, update.var, update.num_batches_tracked) if update else
+              (None,) * 3))
+
+
+def backward_slots(call: BackwardCall) -> tuple:
+    """Every tensor of a BackwardCall, None where absent, in the one order a backward
+    replayer takes them: x, grad_y, weight, bias, residual, output, stats (mean, rstd,
+    var), dx, dres, sums (sum_g, sum_gx), given_sums (sum_g, sum_gx), given_count."""
+    stats, sums, given = call.stats, call.sums, call.given_sums
+    return (call.x, call.grad_y, call.weight, call.bias, call.residual, call.output,
+            stats.mean, stats.rstd, stats.var, call.dx, call.dres,
+            *((sums.sum_g, sums.sum_gx) if sums else (None, None)),
+            *((given.sum_g, given.sum_gx) if given else (None, None)), call.given_count)
+
+
+# A replayer: the launches of a call made before, run again on another call's tensors
+# (forward_slots or backward_slots order), which must have the recorded call's signature
+# (each tensor's dtype, strides and 16-byte alignment, x's shape and device, the scalars).
+# It returns False, and launches nothing, where the launch hooks it was recorded under have
+# changed since (the caller then makes the call in full).
+Replayer = Callable[[tuple], bool]
+
+
 class Backend(abc.ABC):
     """One implementation of the passes: backends/triton and backends/cuda (as
     LauncherBackend), backends/reference.py (plain torch)."""
@@ -196,6 +227,15 @@ class Backend(abc.ABC):
         prove the kernels ran. A backend without kernels launches none."""
         return {}
 
+    def forward_replayer(self, call: ForwardCall) -> Optional[Replayer]:
+        """After forward(call): a Replayer of its launches, or None (not replayable; a
+        backend without replays)."""
+        return None
+
+    def backward_replayer(self, call: BackwardCall) -> Optional[Replayer]:
+        """After backward(call): a Replayer of its launches, or None."""
+        return None
+
     def __repr__(self) -> str:
         return f"<bnkernels backend {self.name!r}>"
 
@@ -205,9 +245,11 @@ class LauncherBackend(Backend):
     (the Triton and CUDA backends: each has its launch.py)."""
 
     def __init__(self, name: str, forward: Callable[[ForwardCall], None],
-                 backward: Callable[[BackwardCall], None], launch_counts: Callable[[], dict]):
+                 backward: Callable[[BackwardCall], None], launch_counts: Callable[[], dict],
+                 replayers: Optional[tuple] = None):
         self.name = name
         self._forward, self._backward, self._launch_counts = forward, backward, launch_counts
+        self._replayers = replayers  # (forward_replayer, backward_replayer) functions
 
     def forward(self, call: ForwardCall) -> None:
         self._forward(call)
@@ -217,3 +259,9 @@ class LauncherBackend(Backend):
 
     def launch_counts(self) -> dict:
         return self._launch_counts()
+
+    def forward_replayer(self, call: ForwardCall) -> Optional[Replayer]:
+        return self._replayers[0](call) if self._replayers else None
+
+    def backward_replayer(self, call: BackwardCall) -> Optional[Replayer]:
+        return self._replayers[1](call) if self._replayers else None

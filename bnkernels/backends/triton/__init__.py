@@ -7,4 +7,5 @@ from ..contract import LauncherBackend
 from . import launch
 
 BACKEND = LauncherBackend("triton", launch.forward, launch.backward,
-                          lambda: dict(launch.launch_counts))
+                          lambda: dict(launch.launch_counts),
+                          (launch.forward_replayer, launch.backward_replayer))

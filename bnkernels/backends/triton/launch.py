@@ -14,7 +14,8 @@ import triton.language as tl
 
 from ...activations import code
 from ...layout import acc_dtype, ncs_shape, ncs_strides
-from ..contract import BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate
+from ..contract import (BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate,
+                        backward_slots, forward_slots)
 from .kernels import _apply_kernel, _merge_kernel, _reduce_kernel
 from .plan import KernelLayout, LaunchPlan, kernel_layout, launch_plan, merge_tile
 from .replay import REPLAYS_MAX, Recording, slot_key
@@ -119,9 +120,18 @@ def _runner(kernel, compiled, grid, positional: int, meta):
     tail = names[positional:]
     if compiled is None or set(tail) != set(meta) - _LAUNCH_OPTIONS:
         return None
-    constexprs = tuple(meta[name] for name in tail)
-    run = compiled[(tuple(grid) + (1, 1))[:3]]
-    return lambda *args: run(*args, *constexprs)
+    return Runner(compiled[(tuple(grid) + (1, 1))[:3]], tuple(meta[name] for name in tail))
+
+
+class Runner(NamedTuple):
+    """A pre-bound launch: launcher(*args, *constexprs). A replay (replay.py) calls the
+    launcher itself, with the constexprs among its recorded constants."""
+
+    launcher: object  # compiled[grid]
+    constexprs: tuple
+
+    def __call__(self, *args):
+        return self.launcher(*args, *self.constexprs)
 
 
 _LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas"}  # options, not parameters
@@ -320,17 +330,23 @@ def _or_x(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 _REPLAYS: dict = {}
 
 
+def _replay_key(slots: tuple, scalars: tuple):
+    """The signature of a call (replay.py), or None where it is not to be recorded:
+    misaligned pointers (the runners were bound for aligned ones), or a device that
+    _launch must make current (a replay would not)."""
+    tensors, aligned = slot_key(slots)
+    x = slots[0]
+    if not aligned or (x.device.type == "cuda" and
+                       x.device.index != torch.cuda.current_device()):
+        return None
+    return (x.shape, x.device, scalars, tensors, cpu_launch, bound_launches)
+
+
 def _replay_or_plan(call, slots: tuple, scalars: tuple, plan) -> None:
     """The call's replay where it has one; else plan(call, recording) launches it, recorded
     for the next call of its signature where it can be."""
-    tensors, aligned = slot_key(slots)
-    x = slots[0]
-    # not recorded: misaligned pointers (the runners were bound for aligned ones), or a
-    # device that _launch must make current (a replay would not)
-    recordable = aligned and not (x.device.type == "cuda" and
-                                  x.device.index != torch.cuda.current_device())
-    key = (x.shape, x.device, scalars, tensors, cpu_launch, bound_launches)
-    replay = _REPLAYS.get(key, _REPLAYS) if recordable else None  # _REPLAYS: never planned
+    key = _replay_key(slots, scalars)
+    replay = _REPLAYS.get(key, _REPLAYS) if key is not None else None  # _REPLAYS: new
     if replay is not None and replay is not _REPLAYS:
         replay.run(slots, launch_counts)
         return
@@ -340,16 +356,44 @@ def _replay_or_plan(call, slots: tuple, scalars: tuple, plan) -> None:
         _keep(_REPLAYS, REPLAYS_MAX, key, recording.replay())
 
 
+def _replayer(slots: tuple, scalars: tuple):
+    """A contract.Replayer of the call whose slots and scalars these are, after it ran;
+    None where it has no replay. It refuses (False) once the launch hooks in its key have
+    changed, or (CUDA) on another current device than x's."""
+    key = _replay_key(slots, scalars)
+    replay = _REPLAYS.get(key) if key is not None else None
+    if replay is None:
+        return None
+    # the hooks in the key, and the store itself (a new one, as the tests make, is a new
+    # beginning)
+    hooks, run, replays = key[4:], replay.run, _REPLAYS
+    device = slots[0].device
+
+    def replayer(call_slots: tuple) -> bool:
+        if (cpu_launch, bound_launches) != hooks or replays is not _REPLAYS or (
+                device.type == "cuda" and device.index != torch.cuda.current_device()):
+            return False
+        run(call_slots, launch_counts)
+        return True
+    return replayer
+
+
+def _forward_scalars(call: ForwardCall) -> tuple:
+    update = call.update
+    return call.eps, call.activation, None if update is None else (update.momentum,)
+
+
+def _backward_scalars(call: BackwardCall) -> tuple:
+    return call.eps, call.activation, call.through_batch_stats
+
+
 def forward(call: ForwardCall) -> None:
-    batch, running, update = call.batch, call.running, call.update
     # every tensor the planner reads, x first (the signature's slots), and its scalars
-    slots = (call.x, call.weight, call.bias, call.residual, call.y,
-             *((batch.mean, batch.rstd, batch.var) if batch else (None,) * 3),
-             *((running.mean, running.rstd, running.var) if running else (None,) * 3),
-             *((update.mean, update.var, update.num_batches_tracked) if update else
-               (None,) * 3))
-    scalars = (call.eps, call.activation, None if update is None else (update.momentum,))
-    _replay_or_plan(call, slots, scalars, _plan_forward)
+    _replay_or_plan(call, forward_slots(call), _forward_scalars(call), _plan_forward)
+
+
+def forward_replayer(call: ForwardCall):
+    return _replayer(forward_slots(call), _forward_scalars(call))
 
 
 def _plan_forward(call: ForwardCall, recording: Optional[Recording]) -> None:
@@ -367,13 +411,11 @@ def _plan_forward(call: ForwardCall, recording: Optional[Recording]) -> None:
 
 
 def backward(call: BackwardCall) -> None:
-    stats, sums, given = call.stats, call.sums, call.given_sums
-    slots = (call.x, call.grad_y, call.weight, call.bias, call.residual, call.output,
-             stats.mean, stats.rstd, stats.var, call.dx, call.dres,
-             *((sums.sum_g, sums.sum_gx) if sums else (None, None)),
-             *((given.sum_g, given.sum_gx) if given else (None, None)), call.given_count)
-    _replay_or_plan(call, slots, (call.eps, call.activation, call.through_batch_stats),
-                    _plan_backward)
+    _replay_or_plan(call, backward_slots(call), _backward_scalars(call), _plan_backward)
+
+
+def backward_replayer(call: BackwardCall):
+    return _replayer(backward_slots(call), _backward_scalars(call))
 
 
 def _plan_backward(call: BackwardCall, recording: Optional[Recording]) -> None:

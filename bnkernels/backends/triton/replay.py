@@ -87,6 +87,9 @@ class Recording:
         if runner is None:
             self.replayable = False
             return
+        constexprs = getattr(runner, "constexprs", None)
+        if constexprs is not None:  # launch.Runner: its launcher, the constexprs after args
+            runner, args = runner.launcher, args + constexprs
         sources = []
         for a in args:
             if isinstance(a, torch.Tensor):
