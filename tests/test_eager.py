@@ -287,3 +287,25 @@ def test_an_empty_batch_is_never_recorded_and_still_counts(triton_backend, full_
             assert bn(x).shape == x.shape
     assert len(full_calls) == 2 and bn.num_batches_tracked.item() == 2
     assert torch.equal(bn.running_mean, torch.zeros(6))
+
+
+class _CountingMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_compiling_and_dispatch_modes_after_a_replay_take_the_full_path(triton_backend,
+                                                                        full_calls,
+                                                                        monkeypatch):
+    """What Dynamo traces and what a dispatch mode (FakeTensor, FlopCounter, a profiler's
+    shapes) sees must be the custom op, never a replay that skips it."""
+    bound_launches_on_cpu(monkeypatch)
+    x, rm, rv, w, b = _call_args()
+    _record(x, rm, rv, w, b, training=False)
+    assert len(full_calls) == 1
+    with _CountingMode():
+        bnkernels.batch_norm(x, rm, rv, w, b, False)
+    assert len(full_calls) == 2
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    bnkernels.batch_norm(x, rm, rv, w, b, False)
+    assert len(full_calls) == 3
