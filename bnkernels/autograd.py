@@ -69,19 +69,26 @@ def _backward(ctx, grad_y, bwd):
     or BatchNormBackwardFunction.apply where it must be differentiable again)."""
     needs = ctx.needs_input_grad
     dx, dweight, dbias, dres = _gradients(ctx, grad_y, bwd, needs[0], needs[1], needs[2],
-                                          needs[8])
+                                          needs[8], body=bwd is _run_backward_direct)
     return dx, dweight, dbias, None, None, None, None, None, dres
 
 
-def _gradients(ctx, grad_y, bwd, need_dx, need_dweight, need_dbias, need_dres):
-    """(dx, dweight, dbias, dresidual), each None where not wanted (_backward)."""
+def _gradients(ctx, grad_y, bwd, need_dx, need_dweight, need_dbias, need_dres,
+               body: bool = False):
+    """(dx, dweight, dbias, dresidual), each None where not wanted (_backward). body: bwd
+    is the op's body (ops.run_backward, or a replay of it: eager.Forward.run_backward),
+    which takes sum_dtypes."""
     if grad_y is None:  # y reached no loss (set_materialize_grads(False))
         return None, None, None, None
     x, weight, bias, residual, output, mean, rstd, var = ctx.saved_tensors
     fused_dres = need_dres and ctx.activation is not None
-    dx, sum_g, sum_gx, dres = bwd(grad_y, x, weight, bias, residual, output, mean, rstd, var,
-                                  ctx.eps, ctx.activation, need_dx, need_dweight or need_dbias,
-                                  fused_dres)
+    args = (grad_y, x, weight, bias, residual, output, mean, rstd, var, ctx.eps,
+            ctx.activation, need_dx, need_dweight or need_dbias, fused_dres)
+    if body:  # the sums come back in the parameters' dtypes, written by the kernels
+        dx, sum_g, sum_gx, dres = bwd(*args, sum_dtypes=(
+            ctx.bias_dtype if need_dbias else None, weight.dtype if need_dweight else None))
+    else:  # in the accumulation dtype (the op's schema): cast below
+        dx, sum_g, sum_gx, dres = bwd(*args)
     if need_dres and not fused_dres:
         dres = grad_y  # z = bn(x) + residual with no activation: dL/dresidual = dL/dy
     return (dx if need_dx else None,
@@ -228,7 +235,7 @@ class ReplayedBatchNormFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dx, dweight, dbias, dres = _gradients(
             ctx, grad_y, ctx.replay.run_backward if plain else BatchNormBackwardFunction.apply,
-            needs[0], needs[1], needs[2], needs[3])
+            needs[0], needs[1], needs[2], needs[3], body=plain)
         return dx, dweight, dbias, dres, None, None
 
 
@@ -277,8 +284,8 @@ def _double_backward(saved, flags, needs_input_grad, cotangents):
     return tuple(grads)
 
 
-def _run_backward_direct(*args):
-    return ops.run_backward(*args, placeholders=False)
+def _run_backward_direct(*args, sum_dtypes=(None, None)):
+    return ops.run_backward(*args, placeholders=False, sum_dtypes=sum_dtypes)
 
 
 def _op_backward(ctx, grad_y, _grad_mean, _grad_rstd, _grad_var):

@@ -137,11 +137,11 @@ class Forward:
         return y, mean, rstd, None
 
     def run_backward(self, grad_y, x, weight, bias, residual, output, mean, rstd, var, eps,
-                     activation, need_dx, need_sums, need_dres):
-        """ops.run_backward(..., placeholders=False) for this forward's saved tensors,
-        replayed per (grad_y's layout, the gradients wanted)."""
+                     activation, need_dx, need_sums, need_dres, sum_dtypes=(None, None)):
+        """ops.run_backward(..., placeholders=False, sum_dtypes) for this forward's saved
+        tensors, replayed per (grad_y's layout, the gradients wanted)."""
         key = (grad_y.dtype, grad_y.stride(), grad_y.data_ptr() % 16 == 0, type(grad_y),
-               need_dx, need_sums, need_dres)
+               need_dx, need_sums, need_dres, sum_dtypes)
         backward = self.backwards.get(key)
         if backward is not None:
             out = backward.run(grad_y, x, weight, bias, residual, output, mean, rstd, var)
@@ -150,7 +150,7 @@ class Forward:
         args = (grad_y, x, weight, bias, residual, output, mean, rstd, var, eps, activation,
                 need_dx, need_sums, need_dres)
         with _Listening() as calls:
-            out = ops.run_backward(*args, placeholders=False)
+            out = ops.run_backward(*args, placeholders=False, sum_dtypes=sum_dtypes)
         backward = Backward.recorded(calls, args)
         if backward is not None:
             _keep(self.backwards, key, backward)
@@ -167,6 +167,7 @@ class Backward(NamedTuple):
     need_dx: bool
     need_sums: bool
     dres_from: Optional[int]  # the slot dres is shaped like (residual 4, output 5), or None
+    rounded: tuple  # the dtypes of GradSums' bias_grad and weight_grad (None: not made)
 
     @staticmethod
     def recorded(calls: list, args: tuple) -> Optional["Backward"]:
@@ -186,8 +187,11 @@ class Backward(NamedTuple):
         if replayer is None:
             return None
         dres_from = None if call.dres is None else (4 if residual is not None else 5)
-        return Backward(backend, replayer, fused, call.dx is not None, call.sums is not None,
-                        dres_from)
+        sums = call.sums
+        rounded = (None, None) if sums is None else tuple(
+            None if t is None else t.dtype for t in (sums.bias_grad, sums.weight_grad))
+        return Backward(backend, replayer, fused, call.dx is not None, sums is not None,
+                        dres_from, rounded)
 
     def run(self, grad_y, x, weight, bias, residual, output, mean, rstd, var):
         if backends.select(x) is not self.backend:
@@ -198,15 +202,19 @@ class Backward(NamedTuple):
         dres = None
         if self.dres_from is not None:
             dres = alloc_output(residual if self.dres_from == 4 else output)
-        sum_g = sum_gx = None
+        sum_g = sum_gx = dbias = dweight = None
         if self.need_sums:
             c, acc = x.shape[1], acc_dtype(x.dtype)
             sum_g, sum_gx = x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+            rounded_g, rounded_gx = self.rounded
+            dbias = None if rounded_g is None else x.new_empty(c, dtype=rounded_g)
+            dweight = None if rounded_gx is None else x.new_empty(c, dtype=rounded_gx)
         slots = (x, grad_y, weight, bias, residual, output, mean, rstd, var, dx, dres, sum_g,
-                 sum_gx, None, None, None)
+                 sum_gx, None, None, None, dbias, dweight)
         if not self.replayer(slots):
             return None
-        return dx, sum_g, sum_gx, dres
+        return (dx, sum_g if dbias is None else dbias, sum_gx if dweight is None else dweight,
+                dres)
 
 
 _FORWARD: dict = {}

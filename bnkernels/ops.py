@@ -103,9 +103,13 @@ def run_forward(x, weight, bias, running_mean, running_var, training, eps, activ
 
 
 def run_backward(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps, activation,
-                 need_dx, need_sums, need_dres, placeholders: bool = True):
+                 need_dx, need_sums, need_dres, placeholders: bool = True,
+                 sum_dtypes: Tuple[Optional[torch.dtype], Optional[torch.dtype]] = (None, None)):
     """batch_norm_bwd's body. placeholders False (autograd.py's direct route): an output
-    not asked for is None, not an empty tensor (the op must return tensors)."""
+    not asked for is None, not an empty tensor (the op must return tensors). sum_dtypes
+    (the direct route's too): the dtypes to return sum g and sum g*xhat in, None for the
+    accumulation dtype (the bias's and the weight's, so that their gradients need no cast:
+    contract.GradSums)."""
     if activation is None:  # bias, residual and output only serve to recompute z
         bias = residual = output = None
     dres_like = _dres_like(activation, residual, output)
@@ -115,6 +119,11 @@ def run_backward(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps
     dres = alloc_output(dres_like) if need_dres else unwanted()
     sum_g, sum_gx = _acc_vectors(x, x.shape[1], 2) if need_sums else \
         (unwanted(), unwanted())
+    rounded = (None, None)  # GradSums' bias_grad and weight_grad
+    if need_sums and sum_dtypes != (None, None):
+        alloc = x.new_zeros if x.numel() == 0 else x.new_empty  # as _acc_vectors
+        rounded = tuple(None if dtype is None or dtype == sum_g.dtype else
+                        alloc(x.shape[1], dtype=dtype) for dtype in sum_dtypes)
     if x.numel() > 0 and (need_dx or need_dres or need_sums):
         call = BackwardCall(
             grad_y=kernel_ready(grad_y), x=kernel_ready(x), weight=weight, bias=bias, eps=eps,
@@ -123,9 +132,10 @@ def run_backward(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps
             stats=Normalizer(mean, rstd=rstd, var=var),
             through_batch_stats=rstd is not None, dx=dx if need_dx else None,
             dres=dres if need_dres else None,
-            sums=GradSums(sum_g, sum_gx) if need_sums else None)
+            sums=GradSums(sum_g, sum_gx, *rounded) if need_sums else None)
         _run(call, False, x)
-    return dx, sum_g, sum_gx, dres
+    return (dx, sum_g if rounded[0] is None else rounded[0],
+            sum_gx if rounded[1] is None else rounded[1], dres)
 
 
 @torch.library.custom_op("bnkernels::batch_norm_fwd", mutates_args=())

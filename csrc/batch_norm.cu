@@ -118,6 +118,7 @@ bool valid(const BnkCall& k, bool forward) {
   }
   if (!k.g.ptr || !k.mean) return false;
   if (k.stats_out[0] && !k.stats_out[1]) return false;
+  if ((k.grad_out[0] || k.grad_out[1]) && !k.stats_out[0]) return false;
   return k.stats_out[0] || !k.training || (k.sum_g && k.sum_gx);
 }
 
@@ -200,7 +201,8 @@ int bnk_call_offsets(int64_t* out, int capacity) {
       BNK_FIELD(device),         BNK_FIELD(rows_per_split), BNK_FIELD(stream),
       BNK_FIELD(running_mean),   BNK_FIELD(running_var), BNK_FIELD(num_batches_tracked),
       BNK_FIELD(running_sm),     BNK_FIELD(running_sv),  BNK_FIELD(momentum),
-      BNK_FIELD(running_dtype),  BNK_FIELD(cumulative),
+      BNK_FIELD(running_dtype),  BNK_FIELD(cumulative),  BNK_FIELD(grad_out),
+      BNK_FIELD(grad_dtype),
   };
 #undef BNK_FIELD
   const int count = static_cast<int>(sizeof(fields) / sizeof(fields[0]));

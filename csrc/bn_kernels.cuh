@@ -185,6 +185,15 @@ template <typename Acc> BNK_DEVICE void store_stat(void* out, int64_t c, Acc v) 
   if (out) static_cast<Acc*>(out)[c] = v;
 }
 
+// The backward's sums of channel c: stats_out (Acc) and grad_out (rounded: bnk_api.h).
+template <typename Acc> BNK_DEVICE void store_grad_sums(const BnkCall& k, int64_t c, Acc sum_g,
+                                                        Acc sum_gx) {
+  store_stat(k.stats_out[0], c, sum_g);
+  store_stat(k.stats_out[1], c, sum_gx);
+  if (k.grad_out[0]) store_channel(k.grad_out[0], k.grad_dtype[0], c, sum_g);
+  if (k.grad_out[1]) store_channel(k.grad_out[1], k.grad_dtype[1], c, sum_gx);
+}
+
 // The running statistics of channel c, from its batch mean and biased var (bnk_api.h).
 template <typename Acc> BNK_DEVICE void update_running(const BnkCall& k, int64_t c, Acc mean,
                                                        Acc var) {
@@ -276,10 +285,7 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS reduce_grads_kernel(BnkC
   block_fold(l, k.block_c, s_g, s_gx, s_unused, sum_g, sum_gx, unused, SumFold());
   if (!l.active) return;
   if (k.splits > 1) return store_partials(k, l, sum_g, sum_gx);
-  if (l.tr == 0) {
-    store_stat(k.stats_out[0], l.c, sum_g);
-    store_stat(k.stats_out[1], l.c, sum_gx);
-  }
+  if (l.tr == 0) store_grad_sums(k, l.c, sum_g, sum_gx);
   if (k.out.ptr || k.dres.ptr) {
     const Acc count = count_of<Acc>(k, l.c);
     input_grad_rows<T>(k, l, p, sum_g / count, sum_gx / count);
@@ -299,8 +305,7 @@ template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS merge_kernel(BnkCall k, 
       a += part[j * k.c + c];
       b += part[(k.splits + j) * k.c + c];
     }
-    store_stat(k.stats_out[0], c, a);
-    store_stat(k.stats_out[1], c, b);
+    store_grad_sums(k, c, a, b);
     return;
   }
   Moments m = {0, 0, 0, 0, 0};

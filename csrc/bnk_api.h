@@ -67,6 +67,12 @@ typedef struct {
   double momentum;
   int32_t running_dtype;
   int32_t cumulative;
+  // Backward with stats_out: the sums again, rounded to grad_dtype (half-precision
+  // parameters' gradients, so that no cast follows the call), by the launch that finishes
+  // them: grad_out[0] = sum g (the bias's), grad_out[1] = sum g*xhat (the weight's);
+  // (C,) dense, NULL: not wanted.
+  void* grad_out[2];
+  int32_t grad_dtype[2];
 } BnkCall;
 
 #define BNK_MAX_THREADS 256

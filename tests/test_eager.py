@@ -309,3 +309,27 @@ def test_compiling_and_dispatch_modes_after_a_replay_take_the_full_path(triton_b
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     bnkernels.batch_norm(x, rm, rv, w, b, False)
     assert len(full_calls) == 3
+
+
+def test_replayed_backward_of_half_precision_parameters(triton_backend, monkeypatch):
+    """A bfloat16 model: its weight and bias gradients, written by the kernels in bfloat16
+    (contract.GradSums), replayed bitwise."""
+    def steps():
+        torch.manual_seed(0)
+        bn = bnkernels.BatchNorm2d(6).to(torch.bfloat16)
+        out = []
+        for seed in range(3):
+            x = make_input((8, 6, 32, 32), torch.bfloat16, "cpu", seed=seed)
+            x.requires_grad_(True)
+            bn(x).backward(torch.ones_like(x).cumsum(-1).sin())
+            out += [x.grad, bn.weight.grad, bn.bias.grad]
+            bn.weight.grad = bn.bias.grad = None
+        return out
+    full = steps()
+    with pytest.MonkeyPatch.context() as mp:
+        ran = bound_launches_on_cpu(mp)
+        replayed = steps()
+    assert len(ran) == 4  # forward and backward of steps 2 and 3
+    assert all(g.dtype == torch.bfloat16 for g in replayed)
+    for a, b in zip(full, replayed, strict=True):
+        assert torch.equal(a, b)

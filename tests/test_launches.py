@@ -77,12 +77,53 @@ def test_device_work_per_training_step_triton(shape, splits, momentum, monkeypat
     assert dict(eval_launches) == {"apply": 1} and not eval_ops
 
 
+@pytest.mark.parametrize("shape,splits", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_get_gradients_with_no_cast(shape, splits, dtype, monkeypatch,
+                                                              stub_triton_kernels):
+    """A .half() / .bfloat16() model: the launch that finishes the sums writes the weight
+    and bias gradients in their dtype too (no cast op after the backward)."""
+    monkeypatch.setenv("BNKERNELS_BACKEND", "triton")
+    bn = bnkernels.BatchNorm2d(shape[1]).to(dtype)
+    x = make_input(shape, dtype, "cpu").requires_grad_(True)
+    y = bn(x)
+    grad = torch.randn_like(x)
+    bwd_launches, bwd_ops = _device_work("triton", lambda: y.backward(grad))
+    assert not bwd_ops, f"backward: torch ops beside the kernels: {dict(bwd_ops)}"
+    assert dict(bwd_launches) == {"reduce": 1, "apply": 1, **({"merge": 1} if splits else {})}
+    assert bn.weight.grad.dtype == bn.bias.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_half_precision_parameter_gradients_are_the_sums_rounded(kernel_backend, dtype,
+                                                                 activation):
+    """What the kernels write for them is bitwise the op's float32 sums rounded by torch."""
+    for shape, _ in SHAPES:
+        torch.manual_seed(0)
+        c = shape[1]
+        x = make_input(shape, dtype, "cpu")
+        w = (torch.rand(c) + 0.5).to(dtype).requires_grad_(True)
+        b = torch.randn(c).to(dtype).requires_grad_(True)
+        g = torch.randn(shape).to(dtype)
+        leaf = x.clone().requires_grad_(True)
+        bnkernels.batch_norm(leaf, None, None, w, b, True, activation=activation).backward(g)
+        y, mean, rstd, _ = torch.ops.bnkernels.batch_norm_fwd(x, w, b, None, None, True, 1e-5,
+                                                              activation, None)
+        dx, sum_g, sum_gx, _ = torch.ops.bnkernels.batch_norm_bwd(
+            g, x, w, b, None, y if activation else None, mean, rstd, None, 1e-5, activation,
+            True, True, False)
+        assert torch.equal(w.grad, sum_gx.to(dtype)) and torch.equal(b.grad, sum_g.to(dtype))
+        assert torch.equal(leaf.grad, dx)
+
+
 def test_device_work_per_training_step_cuda_backend(kernel_backend_cuda):
     """csrc/ keeps the same discipline: one fused launch (or reduce, merge, apply) forward,
-    the running statistics and num_batches_tracked updated in the kernels."""
-    for shape, _ in SHAPES:
-        bn = bnkernels.BatchNorm2d(shape[1])
-        x = make_input(shape, torch.float32, "cpu").requires_grad_(True)
+    the running statistics and num_batches_tracked updated in the kernels; half-precision
+    parameters' gradients written by the kernels too."""
+    for (shape, _), dtype in zip(SHAPES * 2, [torch.float32] * 2 + [torch.bfloat16] * 2):
+        bn = bnkernels.BatchNorm2d(shape[1]).to(dtype)
+        x = make_input(shape, dtype, "cpu").requires_grad_(True)
         out = {}
         fwd_launches, fwd_ops = _device_work("cuda", lambda: out.setdefault("y", bn(x)))
         assert not fwd_ops and 1 <= sum(fwd_launches.values()) <= 3, (fwd_launches, fwd_ops)

@@ -63,6 +63,12 @@ class GradSums:
 
     sum_g: Tensor  # sum of g = dL/dz over the channel: dbeta
     sum_gx: Tensor  # sum of g * xhat: dgamma
+    # The same sums again, rounded to these tensors' dtypes (the parameters', float16 or
+    # bfloat16), where given: half-precision parameters' gradients written by the launch
+    # that finishes the sums, with no cast after it. sum_g and sum_gx stay in the
+    # accumulation dtype: the three-path dx reads them.
+    bias_grad: Optional[Tensor] = None
+    weight_grad: Optional[Tensor] = None
 
 
 @dataclass(slots=True)
@@ -192,12 +198,14 @@ def forward_slots(call: ForwardCall) -> tuple:
 def backward_slots(call: BackwardCall) -> tuple:
     """Every tensor of a BackwardCall, None where absent, in the one order a backward
     replayer takes them: x, grad_y, weight, bias, residual, output, stats (mean, rstd,
-    var), dx, dres, sums (sum_g, sum_gx), given_sums (sum_g, sum_gx), given_count."""
+    var), dx, dres, sums (sum_g, sum_gx), given_sums (sum_g, sum_gx), given_count, sums
+    (bias_grad, weight_grad)."""
     stats, sums, given = call.stats, call.sums, call.given_sums
     return (call.x, call.grad_y, call.weight, call.bias, call.residual, call.output,
             stats.mean, stats.rstd, stats.var, call.dx, call.dres,
             *((sums.sum_g, sums.sum_gx) if sums else (None, None)),
-            *((given.sum_g, given.sum_gx) if given else (None, None)), call.given_count)
+            *((given.sum_g, given.sum_gx) if given else (None, None)), call.given_count,
+            *((sums.bias_grad, sums.weight_grad) if sums else (None, None)))
 
 
 # A replayer: the launches of a call made before, run again on another call's tensors

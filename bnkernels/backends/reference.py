@@ -154,9 +154,12 @@ class TorchBackend(Backend):
         for out, value in ((call.dx, dx), (call.dres, dres)):
             if out is not None:
                 out.copy_(value)
-        if call.sums is not None:
-            call.sums.sum_g.copy_(sum_g)
-            call.sums.sum_gx.copy_(sum_gx)
+        sums = call.sums
+        if sums is not None:
+            for out, value in ((sums.sum_g, sum_g), (sums.sum_gx, sum_gx),
+                               (sums.bias_grad, sum_g), (sums.weight_grad, sum_gx)):
+                if out is not None:
+                    out.copy_(value)
 
 
 BACKEND = TorchBackend()

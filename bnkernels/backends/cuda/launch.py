@@ -95,6 +95,13 @@ class Launch:
         k.cumulative = update.momentum is None
         return True
 
+    def rounded_sums(self, *grads: Optional[torch.Tensor]) -> None:
+        """GradSums' bias_grad and weight_grad: (C,) dense, written by the kernels."""
+        for i, t in enumerate(grads):
+            if t is not None:
+                self.k.grad_out[i] = self._keep(t)
+                self.k.grad_dtype[i] = DTYPE_CODES[t.dtype]
+
     def outputs(self, *stats: Optional[torch.Tensor]) -> None:
         for i, t in enumerate(stats):
             self.k.stats_out[i] = None if t is None else self._keep(t)
@@ -145,6 +152,7 @@ def backward(call: BackwardCall) -> None:
             sums = tuple(torch.empty(x.shape[1], dtype=launch.acc, device=x.device)
                          for _ in range(2))
         else:
+            launch.rounded_sums(sums.bias_grad, sums.weight_grad)
             sums = (sums.sum_g, sums.sum_gx)
         launch.outputs(*sums)
     launch.run("bnk_backward")

@@ -51,6 +51,7 @@ class BnkCall(ctypes.Structure):
         ("num_batches_tracked", ctypes.c_void_p), ("running_sm", ctypes.c_int64),
         ("running_sv", ctypes.c_int64), ("momentum", ctypes.c_double),
         ("running_dtype", ctypes.c_int32), ("cumulative", ctypes.c_int32),
+        ("grad_out", ctypes.c_void_p * 2), ("grad_dtype", ctypes.c_int32 * 2),
     ]
 
 

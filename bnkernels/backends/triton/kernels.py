@@ -301,12 +301,13 @@ def _load_tile(ptr, r, c, mask, S, sN, sC, sS,
 @triton.jit
 def _reduce_kernel(
     x_ptr, g_ptr, res_ptr, y_ptr, mean_ptr, rstd_or_var_ptr, weight_ptr, bias_ptr, part_ptr,
-    out0_ptr, out1_ptr, out2_ptr, rm_ptr, rv_ptr, nbt_ptr,
+    out0_ptr, out1_ptr, out2_ptr, dbias_ptr, dweight_ptr, rm_ptr, rv_ptr, nbt_ptr,
     C, S, R, rows_per_split, eps, momentum_hi, momentum_lo,
     sxN, sxC, sxS, sgN, sgC, sgS, srN, srC, srS, syN, syC, syS, smC, ssC, swC, sbC,
     srmC, srvC,
     BACKWARD: tl.constexpr, FROM_VAR: tl.constexpr, FINAL: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, HAS_DWEIGHT: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_FROM_Y: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr,
@@ -336,7 +337,8 @@ def _reduce_kernel(
         a = sum g (= dbeta),  b = sum g * xhat (= dgamma)
     The results go to part[i, split, c]: forward i = 0..3 (K, mean, var, sum), backward
     i = 0, 1 (sum g, sum g*xhat). FINAL (one split holds every row: no merge launch): the
-    merge kernel's outputs instead, written here (out0..2, and the running statistics).
+    merge kernel's outputs instead, written here (out0..2, dbias and dweight, and the
+    running statistics).
     """
     c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
     split = tl.program_id(1)
@@ -392,8 +394,8 @@ def _reduce_kernel(
 
     if BACKWARD:
         if FINAL:
-            tl.store(out0_ptr + c, tl.sum(a, axis=1), mask=c_mask)
-            tl.store(out1_ptr + c, tl.sum(b, axis=1), mask=c_mask)
+            _store_grad_sums(c, c_mask, tl.sum(a, axis=1), tl.sum(b, axis=1), out0_ptr,
+                             out1_ptr, dbias_ptr, dweight_ptr, HAS_DBIAS, HAS_DWEIGHT)
         else:
             tl.store(part_ptr + split * C + c, tl.sum(a, axis=1), mask=c_mask)
             tl.store(part_ptr + (num_splits + split) * C + c, tl.sum(b, axis=1), mask=c_mask)
@@ -417,10 +419,25 @@ def _reduce_kernel(
 
 
 @triton.jit
+def _store_grad_sums(c, c_mask, sum_g, sum_gx, out0_ptr, out1_ptr, dbias_ptr, dweight_ptr,
+                     HAS_DBIAS: tl.constexpr, HAS_DWEIGHT: tl.constexpr):
+    """The backward's sums: out0 = sum g, out1 = sum g*xhat in the accumulation dtype
+    (the three-path dx reads them), and again, rounded to nearest even (as torch's .to()),
+    into dbias and dweight where given: half-precision parameters' gradients."""
+    tl.store(out0_ptr + c, sum_g, mask=c_mask)
+    tl.store(out1_ptr + c, sum_gx, mask=c_mask)
+    if HAS_DBIAS:
+        tl.store(dbias_ptr + c, sum_g.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_DWEIGHT:
+        tl.store(dweight_ptr + c, sum_gx.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
 def _merge_kernel(
-    part_ptr, out0_ptr, out1_ptr, out2_ptr, rm_ptr, rv_ptr, nbt_ptr,
+    part_ptr, out0_ptr, out1_ptr, out2_ptr, dbias_ptr, dweight_ptr, rm_ptr, rv_ptr, nbt_ptr,
     C, R, rows_per_split, num_splits, eps, momentum_hi, momentum_lo, srmC, srvC,
     BACKWARD: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, HAS_DWEIGHT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     """Merges the splits of _reduce_kernel, in a fixed order (bitwise reproducible): steps
@@ -433,7 +450,8 @@ def _merge_kernel(
     1/sqrt(var + eps), out2 = var (biased), and (UPDATE_RUNNING) the running statistics
     (_store_batch_stats). In float64, as the lanes' merge in _reduce_kernel. A split past
     the last (a step's padding) holds n = 0: _welford_combine skips it.
-    Backward: out0 = sum g (dbeta), out1 = sum g*xhat (dgamma), each step's tile summed.
+    Backward: out0 = sum g (dbeta), out1 = sum g*xhat (dgamma), each step's tile summed
+    (and rounded into dbias, dweight: _store_grad_sums).
     Why steps of a tree, not one split after another: the merge is a serial chain, and
     528 splits (C = 64 at 112x112 over an H100) made 528 dependent steps.
     """
@@ -468,8 +486,8 @@ def _merge_kernel(
             k, mean, var, n, total = _welford_combine(k, mean, var, n, total, k_s, mean_s,
                                                       var_s, tl.sum(n_tile, axis=1), total_s)
     if BACKWARD:
-        tl.store(out0_ptr + c, a, mask=c_mask)
-        tl.store(out1_ptr + c, b, mask=c_mask)
+        _store_grad_sums(c, c_mask, a, b, out0_ptr, out1_ptr, dbias_ptr, dweight_ptr,
+                         HAS_DBIAS, HAS_DWEIGHT)
     else:
         _store_batch_stats(c, c_mask, k, mean, var, total, n, eps, R, out0_ptr, out1_ptr,
                            out2_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum_hi, momentum_lo,

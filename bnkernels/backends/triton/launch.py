@@ -228,10 +228,12 @@ class Launch:
 
     def reduce(self, eps: float, outs: Tuple[torch.Tensor, ...],
                stats: Optional[Normalizer] = None, weight=None, bias=None, activation: int = 0,
-               update: Optional[RunningUpdate] = None):
+               update: Optional[RunningUpdate] = None,
+               rounded: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)):
         """The reduce and merge passes, into outs: (mean, rstd, var) of x (stats None), or
         (sum g, sum g*xhat) of g with x normalized by stats. outs: (C,) dense, acc dtype.
         update: the running statistics, updated by the launch that finishes the statistics.
+        rounded (backward): GradSums' (bias_grad, weight_grad), written by that launch too.
         One split (a program holds whole channels): the reduce kernel finishes them itself,
         and there is no merge launch."""
         backward = stats is not None
@@ -241,24 +243,28 @@ class Launch:
         part = x if final else self.scratch((2 if backward else 4, plan.splits, self.c))
         out2 = outs[2] if len(outs) == 3 else outs[0]  # the backward has no third output
         running = _running_args(update, x)
+        dbias, dweight = rounded
+        grads = (_or_x(dbias, x), _or_x(dweight, x))  # (dense: C elements, stride 1)
+        switches = dict(running.switches, HAS_DBIAS=dbias is not None,
+                        HAS_DWEIGHT=dweight is not None)
         mean, spread = (stats.mean, _spread_of(stats)) if backward else (None, None)
         reduce_roles = ("x", "g", "res", "y")  # the reduce kernel reads no output
         self.launch(_reduce_kernel, self.grid, *(self.pointer(r) for r in reduce_roles),
                 _or_x(mean, x), _or_x(spread, x), _or_x(weight, x), _or_x(bias, x), part,
-                outs[0], outs[1], out2, *running.pointers,
+                outs[0], outs[1], out2, *grads, *running.pointers,
                 self.c, self.s, self.rows, plan.rows_per_split, eps, *running.momentum,
                 *self.element_strides[:3 * len(reduce_roles)],
                 *_channel_strides(mean, spread, weight, bias), *running.strides,
                 **self.meta(activation, weight, bias, BACKWARD=backward,
                             FROM_VAR=backward and stats.var is not None, FINAL=final,
-                            **running.switches))
+                            **switches))
         if final:
             return
         block_c, block_s = merge_tile(self.c, plan.splits)
         self.launch(_merge_kernel, (triton.cdiv(self.c, block_c),), part, outs[0], outs[1],
-                    out2, *running.pointers, self.c, self.rows, plan.rows_per_split,
+                    out2, *grads, *running.pointers, self.c, self.rows, plan.rows_per_split,
                     plan.splits, eps, *running.momentum, *running.strides, BACKWARD=backward,
-                    BLOCK_C=block_c, BLOCK_S=block_s, ACC=_GL[self.acc], **running.switches)
+                    BLOCK_C=block_c, BLOCK_S=block_s, ACC=_GL[self.acc], **switches)
 
     def apply(self, eps: float, stats: Normalizer, weight, bias, *, backward: bool,
               batch_stats: bool = False, activation: int = 0, sums=None, count=None,
@@ -431,7 +437,7 @@ def _plan_backward(call: BackwardCall, recording: Optional[Recording]) -> None:
     if call.sums is not None or (call.through_batch_stats and call.given_sums is None):
         own = call.sums or GradSums(launch.scratch((launch.c,)), launch.scratch((launch.c,)))
         launch.reduce(call.eps, (own.sum_g, own.sum_gx), call.stats, call.weight, call.bias,
-                      act)
+                      act, rounded=(own.bias_grad, own.weight_grad))
         sums, count = (own.sum_g, own.sum_gx), launch.rows
     if call.given_sums is not None:
         sums, count = (call.given_sums.sum_g, call.given_sums.sum_gx), call.given_count
