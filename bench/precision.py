@@ -8,7 +8,8 @@ Errors: the mean's relative to the data's RMS sqrt(mean^2 + var) (a mean near 0 
 relative precision of its own), the variance's relative to the variance; the worst channel
 of the worst input. On CPU the kernels run through the Triton interpreter and csrc/'s
 emulation build; `many_programs` shrinks the tiles and the grid's budget so that every
-channel is split over many programs (the Welford merge across them). Rows go to
+channel is split over many programs (the Welford merge across them), `long_programs` the
+tiles alone, so that each program loops over many of them (the forward loop's groups). Rows go to
 DIR/precision.csv. tests/test_numerics.py asserts the bound on the same inputs.
 """
 from __future__ import annotations
@@ -27,7 +28,10 @@ COLUMNS = ["backend", "plan", "layout", "inputs", "worst_mean_err", "worst_var_e
            "torch_var_mean_mean_err", "torch_var_mean_var_err", "worst_case", "device",
            "torch", "triton", "commit"]
 # (N, S) per plan; many programs on a smaller input (the interpreter's cost is per program)
-SIZES = {"default_plan": ((64, 32), (8, 4096)), "many_programs": ((16, 64),)}
+# long_programs: tiny tiles and few programs, so that each lane takes many tiles (the
+# forward loop's groups of GROUP_TILES tiles, then its tail)
+SIZES = {"default_plan": ((64, 32), (8, 4096)), "many_programs": ((16, 64),),
+         "long_programs": ((16, 60), (7, 37))}
 
 
 def stat_inputs(device, sizes):
@@ -60,13 +64,15 @@ def stat_errors(mean, var, x):
 
 
 @contextlib.contextmanager
-def many_programs():
+def many_programs(programs: int = 64):
     """Tiny tiles and grids of many programs, every channel split over many of them (also
-    tests/test_numerics.py's many_splits)."""
+    tests/test_numerics.py's many_splits); programs=2: tiny tiles and few programs, each
+    lane taking many tiles (long_programs)."""
     from bnkernels.backends.cuda import plan as cuda_plan
     from bnkernels.backends.triton import plan as triton_plan
     names = {(triton_plan, "INTERPRETER_TILE"): 64, (triton_plan, "GPU_TILE"): 64,
-             (triton_plan, "INTERPRETER_PROGRAMS"): 64, (cuda_plan, "EMULATED_BLOCKS"): 64,
+             (triton_plan, "INTERPRETER_PROGRAMS"): programs,
+             (cuda_plan, "EMULATED_BLOCKS"): programs,
              (cuda_plan, "CUDA_BLOCKS_PER_SM"): 1024, (cuda_plan, "CUDA_MIN_ROWS_PER_LANE"): 1}
     before = {k: getattr(*k) for k in names}
     for (module, name), v in names.items():
@@ -78,11 +84,17 @@ def many_programs():
             setattr(module, name, v)
 
 
+def plan_context(plan: str):
+    """The context that makes a SIZES plan."""
+    if plan == "default_plan":
+        return contextlib.nullcontext()
+    return many_programs(64 if plan == "many_programs" else 2)
+
+
 def measure(backend, plan, channels_last, device):
     worst = {"worst_mean_err": 0.0, "worst_var_err": 0.0, "torch_var_mean_mean_err": 0.0,
              "torch_var_mean_var_err": 0.0, "worst_case": ""}
-    with common.backend_for(backend), (many_programs() if plan == "many_programs"
-                                       else contextlib.nullcontext()):
+    with common.backend_for(backend), plan_context(plan):
         for name, x in stat_inputs(device, SIZES[plan]).items():
             if channels_last:
                 x = x.unsqueeze(-1).contiguous(memory_format=torch.channels_last)

@@ -68,6 +68,7 @@ class Launched(NamedTuple):
     key: tuple  # its compiled variant's (variants[key])
     tensors: int  # the element tensors it reads and writes
     partials: Tuple[int, int, int]  # merge: (numel, splits, element size) of its partials
+    rows_per_split: int  # reduce and apply: the rows of each split but the last
 
 
 def _record(passes, shapes, batches, dtypes, layouts, backend, variants: dict) -> list:
@@ -94,7 +95,8 @@ def _record(passes, shapes, batches, dtypes, layouts, backend, variants: dict) -
         launched.append(Launched(name, tuple(grid), dict(meta), key,
                                  len({id(t) for t in args[:roles]}),
                                  (part.numel(), part.shape[1] if part.dim() == 3 else 1,
-                                  part.element_size())))
+                                  part.element_size()),
+                                 args[kernel.arg_names.index("rows_per_split")]))
 
     triton_launch.cpu_launch = record
     triton_backend = backends.get("triton")
@@ -192,19 +194,33 @@ _WIDTHS = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
 
 def read_loops(sass: str) -> dict:
     """The instructions inside loops (a backward branch's range) of a kernel's SASS:
-    their count, the narrowest global access, integer divisions and reciprocals."""
+    their count, the narrowest global access, integer divisions and reciprocals; and the
+    same per loop ("loops": the disjoint loop regions in address order; the forward
+    reduce has two, its groups of GROUP_TILES tiles and its tail)."""
     code = [(int(a, 16), op, rest) for a, _, op, rest in _INSTRUCTION.findall(sass)]
-    in_loop = set()
+    ranges = []
     for address, op, rest in code:
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
-        if target and int(target.group(1), 16) <= address:
-            start = int(target.group(1), 16)
-            in_loop.update(a for a, _, _ in code if start <= a <= address)
-    loop = [(a, op) for a, op, _ in code if a in in_loop]
-    widths = [_width(op) for _, op in loop if op.startswith(("LDG", "STG"))]
-    idiv = sum(op.startswith("I2F") and ".RP" in op for _, op in loop)
-    rcp = sum(op.startswith("MUFU.RCP") for _, op in loop)
-    return {"loop_instructions": len(loop), "access_bits": min(widths) if widths else 0,
+        # (a branch to itself is the idle loop after EXIT, not a loop of the kernel's)
+        if target and int(target.group(1), 16) < address:
+            ranges.append([int(target.group(1), 16), address])
+    regions: list = []  # overlapping ranges joined: one region per (outermost) loop
+    for start, end in sorted(ranges):
+        if regions and start <= regions[-1][1]:
+            regions[-1][1] = max(regions[-1][1], end)
+        else:
+            regions.append([start, end])
+    loops = [_read_ops([op for a, op, _ in code if start <= a <= end])
+             for start, end in regions]
+    total = _read_ops([op for a, op, _ in code if any(s <= a <= e for s, e in regions)])
+    return {**total, "loops": loops}
+
+
+def _read_ops(ops: list) -> dict:
+    widths = [_width(op) for op in ops if op.startswith(("LDG", "STG"))]
+    idiv = sum(op.startswith("I2F") and ".RP" in op for op in ops)
+    rcp = sum(op.startswith("MUFU.RCP") for op in ops)
+    return {"loop_instructions": len(ops), "access_bits": min(widths) if widths else 0,
             "idiv": idiv, "rcp": max(0, rcp - idiv)}
 
 
@@ -219,12 +235,31 @@ def _width(op: str) -> int:
 
 def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
                    esize: int) -> dict:
+    from bnkernels.backends.triton.plan import GROUP_TILES
     meta = launch.meta
     threads = 32 * meta.get("num_warps", 4)
     block_c, block_r = meta["BLOCK_C"], meta.get("BLOCK_R", meta.get("BLOCK_S", 1))
     per_thread = max(1.0, block_c * block_r / threads)  # elements per thread per iteration
     loop = read["loop_instructions"]
-    if launch.kernel == "_merge_kernel":
+    grouped = (launch.kernel == "_reduce_kernel" and not meta.get("BACKWARD")
+               and len(read["loops"]) == 2)
+    hot = read["loops"][0] if grouped else read
+    # per element: the hot loop's, over the elements a thread takes in one of its
+    # iterations (a group loop takes GROUP_TILES tiles)
+    per_iteration = per_thread * (GROUP_TILES if grouped else 1)
+    if grouped:  # its groups, then its tail tiles, split by split
+        group_rows = GROUP_TILES * block_r
+        group_loop, tail_loop = (r["loop_instructions"] for r in read["loops"])
+        iterations = 0
+        for j in range(launch.grid[1]):
+            rows_j = max(0, min(launch.rows_per_split, rows - j * launch.rows_per_split))
+            groups = rows_j // group_rows
+            iterations += groups * group_loop + -(-(rows_j - groups * group_rows)
+                                                  // block_r) * tail_loop
+        nbytes = launch.tensors * numel * esize
+        warp_instructions = launch.grid[0] * iterations * threads / 32
+        t_work = warp_instructions / (ISSUE_PER_SM * SMS * CLOCK_HZ)
+    elif launch.kernel == "_merge_kernel":
         part_numel, splits, part_size = launch.partials
         nbytes = (part_numel + 3 * c) * part_size
         steps = -(-splits // meta.get("BLOCK_S", 1))  # its serial loop over the splits
@@ -236,8 +271,10 @@ def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
         t_work = warp_instructions / (ISSUE_PER_SM * SMS * CLOCK_HZ)
     t_floor = nbytes / BANDWIDTH
     return {"kernel": launch.kernel, "access_bits": read["access_bits"],
-            "idiv_per_elem": read["idiv"] / per_thread, "rcp_per_elem": read["rcp"] / per_thread,
-            "regs": read["regs"], "spills": read["spills"], "instr_per_elem": loop / per_thread,
+            "idiv_per_elem": hot["idiv"] / per_iteration,
+            "rcp_per_elem": hot["rcp"] / per_iteration,
+            "regs": read["regs"], "spills": read["spills"],
+            "instr_per_elem": hot["loop_instructions"] / per_iteration,
             "mbytes": nbytes / 1e6, "_time": max(t_floor, t_work), "_floor": t_floor,
             "est_ratio": max(t_floor, t_work) / t_floor}
 

@@ -58,15 +58,13 @@ def test_split_merge_matches_single_program(channels_last, device, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("split", ["one_program", "many_programs"])
+@pytest.mark.parametrize("split", ["default_plan", "many_programs", "long_programs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_mean_small_std(dtype, split, device, request):
+def test_large_mean_small_std(dtype, split, device):
     """x = 1e4 + randn: E[x^2] - E[x]^2 would lose every digit of the variance in float32."""
-    if split == "many_programs":
-        request.getfixturevalue("many_splits")
     x = make_input((8, 3, 16, 16), dtype, device, loc=1e4, scale=1.0)
     rm, rv = torch.zeros(3, device=device, dtype=dtype), torch.ones(3, device=device, dtype=dtype)
-    with kernels_only():
+    with kernels_only(), precision.plan_context(split):
         y = bnkernels.batch_norm(x, rm, rv, training=True, momentum=1.0)
     x64 = x.double()
     var64 = x64.var(dim=(0, 2, 3), unbiased=True)
@@ -180,9 +178,12 @@ STAT_RTOL = 4 * 2.0**-24
 
 @pytest.mark.parametrize("split", list(precision.SIZES))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_statistics_as_accurate_as_float32_allows(split, channels_last, device, request):
-    if split == "many_programs":
-        request.getfixturevalue("many_splits")
+def test_statistics_as_accurate_as_float32_allows(split, channels_last, device):
+    with precision.plan_context(split):
+        _assert_statistics_accurate(split, channels_last, device)
+
+
+def _assert_statistics_accurate(split, channels_last, device):
     for name, x in precision.stat_inputs(device, precision.SIZES[split]).items():
         if channels_last:
             x = x.unsqueeze(-1).contiguous(memory_format=torch.channels_last)
@@ -246,3 +247,15 @@ def test_bfloat16_output_is_rounded_to_nearest(training, device):
         y16 = bnkernels.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
         y32 = bnkernels.batch_norm(x.float(), rm.clone(), rv.clone(), w, b, training)
     assert torch.equal(y16.view(torch.int16), y32.to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_long_programs_plan_takes_whole_groups_and_a_tail(channels_last):
+    """What long_programs exercises in the Triton forward loop: splits of whole groups of
+    GROUP_TILES tiles (_group_update) and, in the last split, tiles past the last group."""
+    with precision.plan_context("long_programs"):
+        for n, s in precision.SIZES["long_programs"]:
+            plan = triton_plan.launch_plan(n, 2, s, channels_last, torch.device("cpu"))
+            group_rows = triton_plan.GROUP_TILES * plan.block_r
+            assert plan.rows_per_split % group_rows == 0
+            assert (n * s) % plan.rows_per_split % group_rows != 0  # a tail

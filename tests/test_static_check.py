@@ -22,7 +22,8 @@ COLUMNS = ("kernel,pass,dtype,layout,N,C,H,W,access_bits,idiv_per_elem,rcp_per_e
 
 # A made-up kernel: set-up, then a loop (the backward branch at 0x0060 to 0x0020) with a
 # 128-bit load, a 16-bit store, an integer division's I2F.U32.RP + MUFU.RCP and one other
-# MUFU.RCP; the 32-bit load and the MUFU.RCP after the loop are outside it.
+# MUFU.RCP; the 32-bit load and the MUFU.RCP after the loop are outside it; a second loop
+# (0x0090 to 0x0080) with a 64-bit load; after EXIT, the branch to itself that is no loop.
 _SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
@@ -33,13 +34,19 @@ _SASS = """
         /*0058*/                   STG.E.U16 desc[UR4][R6.64], R5 ;
         /*0060*/              @P1  BRA 0x20 ;
         /*0070*/                   MUFU.RCP R7, R7 ;
-        /*0080*/                   EXIT ;
+        /*0080*/                   LDG.E.64 R10, desc[UR4][R6.64] ;
+        /*0090*/              @P2  BRA 0x80 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   BRA 0xb0 ;
 """
 
 
 def test_the_loops_are_read_from_the_sass():
     read = static_check.read_loops(_SASS)
-    assert read == {"loop_instructions": 6, "access_bits": 16, "idiv": 1, "rcp": 1}
+    first = {"loop_instructions": 6, "access_bits": 16, "idiv": 1, "rcp": 1}
+    second = {"loop_instructions": 2, "access_bits": 64, "idiv": 0, "rcp": 0}
+    assert read == {"loop_instructions": 8, "access_bits": 16, "idiv": 1, "rcp": 1,
+                    "loops": [first, second]}
 
 
 @needs_binder

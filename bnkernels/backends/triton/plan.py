@@ -22,6 +22,9 @@ INTERPRETER_PROGRAMS = 4
 # float64 partials each, in registers), at most MERGE_BLOCK_S splits and MERGE_BLOCK_C
 # channels.
 MERGE_TILE = 1024
+# The forward reduction's loop takes its rows GROUP_TILES tiles at a time (kernels.py's
+# _group_update), so a split holds a multiple of them where it holds at least 3 tiles.
+GROUP_TILES = 4
 MERGE_BLOCK_S = 64
 MERGE_BLOCK_C = 256
 
@@ -113,6 +116,8 @@ def launch_plan(n: int, c: int, s: int, channels_fast: bool, device: torch.devic
     r_tiles = max(1, -(-rows // block_r))
     splits = max(1, min(r_tiles, target_programs(device) // c_blocks))
     tiles_per_split = -(-r_tiles // splits)
+    if tiles_per_split >= GROUP_TILES - 1:  # whole groups (fewer, longer splits)
+        tiles_per_split = -(-tiles_per_split // GROUP_TILES) * GROUP_TILES
     splits = -(-r_tiles // tiles_per_split)  # no split is left without rows
     num_warps = 8 if block_c * block_r >= 2048 else 4
     return LaunchPlan(block_c, block_r, c_blocks, splits, tiles_per_split * block_r, num_warps)
