@@ -396,13 +396,18 @@ def test_a_recording_that_cannot_be_rebuilt_is_not_replayed():
 
 
 def test_nchw_tiles_are_fitted_to_the_rows(monkeypatch):
-    """An NCHW tile shortens (the tile holding more channels instead) where that pads the
-    last tile less: 128 x 7 x 7 = 6272 rows in 256-row tiles (98% of the lanes active), not
-    in 2048-row ones (77%); no shorter than MIN_FITTED_ROWS."""
+    """An NCHW tile shortens (the tile holding more channels instead) where that costs the
+    forward reduction less: fewer padded rows, and fewer tiles past the last whole group
+    of GROUP_TILES (taken one at a time). 128 x 7 x 7 = 6272 rows: 128-row tiles (49: 12
+    groups and 1 alone, 98% of the lanes active), not 2048-row ones (4 tiles, none in a
+    group, 77%); 32 x 7 x 7 = 1568: 13 tiles of 128 (3 groups), not 7 of 256 (3 alone);
+    no shorter than MIN_FITTED_ROWS."""
     from bnkernels.backends.triton import plan as triton_plan
     monkeypatch.setattr(triton_plan, "INTERPRETER_TILE", triton_plan.GPU_TILE)
     tiles = triton_plan.launch_plan(128, 2048, 49, False, torch.device("cpu"))
-    assert (tiles.block_r, tiles.block_c) == (256, 8)
-    assert triton_plan.launch_plan(32, 2048, 49, False, torch.device("cpu")).block_r == 256
-    assert triton_plan.launch_plan(32, 64, 3136, False, torch.device("cpu")).block_r == 2048
+    assert (tiles.block_r, tiles.block_c) == (128, 16)
+    assert triton_plan.launch_plan(32, 2048, 49, False, torch.device("cpu")).block_r == 128
+    # 100352 rows: 196 tiles of 512, all in groups, against 49 of 2048 with one alone
+    assert triton_plan.launch_plan(32, 64, 3136, False, torch.device("cpu")).block_r == 512
+    assert triton_plan.launch_plan(128, 64, 12544, False, torch.device("cpu")).block_r == 2048
     assert triton_plan.launch_plan(2, 8, 3, False, torch.device("cpu")).block_r == 8

@@ -20,19 +20,21 @@ INTERPRETER_TILE = 16384
 INTERPRETER_PROGRAMS = 4
 # The merge kernel's tile: splits x channels per step, at most MERGE_TILE elements (five
 # float64 partials each, in registers), at most MERGE_BLOCK_S splits and MERGE_BLOCK_C
-# channels.
+# channels. 256 splits a step: 392 splits (channels_last, 64 x 56 x 56 at N = 32) take 2
+# serial steps (with 64: 7, which left the merge the pass's largest cost in the static
+# check's model).
 MERGE_TILE = 1024
 # The forward reduction's loop takes its rows GROUP_TILES tiles at a time (kernels.py's
 # _group_update), so a split holds a multiple of them where it holds at least 3 tiles.
 GROUP_TILES = 4
-MERGE_BLOCK_S = 64
+MERGE_BLOCK_S = 256
 MERGE_BLOCK_C = 256
 
 
 def merge_tile(c: int, splits: int) -> Tuple[int, int]:
     """(channels, splits) per step of the merge kernel. Splits first: a step merges its
     splits as a tree (log2 rounds), and the steps run one after another, so 528 splits
-    take 9 steps, not 528; the channels left over share a program."""
+    take 3 steps, not 528; the channels left over share a program."""
     block_s = min(next_pow2(splits), MERGE_BLOCK_S)
     block_c = min(next_pow2(c), MERGE_BLOCK_C, max(1, MERGE_TILE // block_s))
     return block_c, block_s
@@ -77,22 +79,29 @@ class LaunchPlan(NamedTuple):
 
 
 # NCHW tiles: rows per tile no shorter than this when fitted to the rows (_fitted_rows).
-MIN_FITTED_ROWS = 256
+MIN_FITTED_ROWS = 128
+# What a tile the forward reduction takes alone (past its split's last whole group of
+# GROUP_TILES) costs against a grouped one: ~40 SASS instructions per value against ~17
+# (bench/results/static).
+TAIL_TILE_COST = 2.3
 
 
 def _fitted_rows(rows: int, block_r: int) -> int:
-    """block_r, or a half, quarter or eighth of it (no shorter than MIN_FITTED_ROWS) where
-    that pads the rows' last tile less (the tile then holds more channels). Why:
+    """block_r, or a half, quarter, ... of it (no shorter than MIN_FITTED_ROWS) where that
+    costs less: the padded rows of the last tile, and the tiles past the last whole group
+    of GROUP_TILES, which the forward reduction takes one at a time (TAIL_TILE_COST). Why:
     128 x 7 x 7 = 6272 rows in 2048-row tiles is four tiles, 8192 rows, 77% of the lanes
-    active; in 256-row tiles 98%."""
-    def padded(b):
-        return -(-rows // b) * b
+    active; 32 x 7 x 7 = 1568 rows in 256-row tiles is 7 tiles, 3 of them alone; in
+    128-row tiles, 13: 94% active, 3 groups and 1 alone."""
+    def cost(b):
+        tiles = -(-rows // b)
+        return b * (tiles // GROUP_TILES * GROUP_TILES + TAIL_TILE_COST * (tiles % GROUP_TILES))
     best = block_r
-    for candidate in (block_r // 2, block_r // 4, block_r // 8):
-        if candidate < MIN_FITTED_ROWS:
-            break
-        if padded(candidate) < padded(best):
+    candidate = block_r // 2
+    while candidate >= MIN_FITTED_ROWS:
+        if cost(candidate) < cost(best):
             best = candidate
+        candidate //= 2
     return best
 
 
