@@ -316,6 +316,14 @@ def run(arch: int, quick: bool, jobs: int) -> list:
     return table
 
 
+def _in_loops(launches: list, column: str, what: str, which: str = "") -> str:
+    """The summary's line for a per-element count: the launches with any in a loop, and
+    the most per element (1: one per element; 1/32: one per thread per 32 elements)."""
+    worst = max((r[column] for r in launches), default=0.0)
+    return (f"- launches{which} with {what} in a loop: "
+            f"{sum(r[column] > 0 for r in launches)}, at most {worst:.3g} per element")
+
+
 def summary(table: list, arch: int) -> str:
     totals = [r for r in table if r["kernel"] == "all"]
     launches = [r for r in table if r["kernel"] != "all"]
@@ -327,10 +335,9 @@ def summary(table: list, arch: int) -> str:
              f"SMs, {CLOCK_HZ / 1e9} GHz, {BANDWIDTH / 1e12} TB/s (bench/static_check.py).", "",
              f"- launches with a global access narrower than 128 bits in a loop: "
              f"{sum(r['access_bits'] < 128 for r in launches)}",
-             f"- launches with an integer division per element in a loop: "
-             f"{sum(r['idiv_per_elem'] > 0 for r in launches)}",
-             f"- launches with a reciprocal per element in a loop: "
-             f"{sum(r['rcp_per_elem'] > 0 for r in launches)}",
+             _in_loops(launches, "idiv_per_elem", "an integer division"),
+             _in_loops([r for r in launches if r["kernel"] != "_merge_kernel"],
+                       "rcp_per_elem", "a reciprocal", " (the merge's float64 ones apart)"),
              f"- launches that spill: {sum(r['spills'] > 0 for r in launches)}",
              f"- passes of 16 MB or more: {len(big)}; estimated above 1.15x the floor: "
              f"{sum(r['est_ratio'] > 1.15 for r in big)}", "",
