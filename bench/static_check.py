@@ -247,27 +247,26 @@ def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
     # per element: the hot loop's, over the elements a thread takes in one of its
     # iterations (a group loop takes GROUP_TILES tiles)
     per_iteration = per_thread * (GROUP_TILES if grouped else 1)
-    if grouped:  # its groups, then its tail tiles, split by split
-        group_rows = GROUP_TILES * block_r
-        group_loop, tail_loop = (r["loop_instructions"] for r in read["loops"])
-        iterations = 0
-        for j in range(launch.grid[1]):
-            rows_j = max(0, min(launch.rows_per_split, rows - j * launch.rows_per_split))
-            groups = rows_j // group_rows
-            iterations += groups * group_loop + -(-(rows_j - groups * group_rows)
-                                                  // block_r) * tail_loop
-        nbytes = launch.tensors * numel * esize
-        warp_instructions = launch.grid[0] * iterations * threads / 32
-        t_work = warp_instructions / (ISSUE_PER_SM * SMS * CLOCK_HZ)
-    elif launch.kernel == "_merge_kernel":
+    if launch.kernel == "_merge_kernel":
         part_numel, splits, part_size = launch.partials
         nbytes = (part_numel + 3 * c) * part_size
         steps = -(-splits // meta.get("BLOCK_S", 1))  # its serial loop over the splits
         t_work = steps * loop / CLOCK_HZ  # at one instruction per clock
     else:
         nbytes = launch.tensors * numel * esize
-        padded = launch.grid[0] * block_c * -(-rows // block_r) * block_r
-        warp_instructions = padded * (loop / per_thread) / 32
+        if grouped:  # a channel block's loop instructions: groups, then tail tiles, by split
+            group_rows = GROUP_TILES * block_r
+            group_loop, tail_loop = (r["loop_instructions"] for r in read["loops"])
+            instructions = 0
+            for j in range(launch.grid[1]):
+                rows_j = max(0, min(launch.rows_per_split, rows - j * launch.rows_per_split))
+                groups = rows_j // group_rows
+                instructions += groups * group_loop + -(-(rows_j - groups * group_rows)
+                                                        // block_r) * tail_loop
+        else:
+            instructions = -(-rows // block_r) * loop
+        # each iteration's instructions, on every thread that holds a tile's elements
+        warp_instructions = launch.grid[0] * instructions * (block_c * block_r / per_thread) / 32
         t_work = warp_instructions / (ISSUE_PER_SM * SMS * CLOCK_HZ)
     t_floor = nbytes / BANDWIDTH
     return {"kernel": launch.kernel, "access_bits": read["access_bits"],

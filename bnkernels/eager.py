@@ -35,6 +35,7 @@ from torch.autograd import forward_ad
 
 from . import autograd, backends, ops
 from .backends.contract import backward_slots, forward_slots
+from .caches import keep
 from .layout import acc_dtype, alloc_output
 
 ENTRIES_MAX = 4096  # signatures kept (a dynamic-shape workload would grow them forever)
@@ -63,12 +64,6 @@ def _signature(tensors: tuple, scalars: tuple) -> Optional[tuple]:
         key.append((kind, t.dtype, t.shape, t.stride(), t.device, t.requires_grad))
         bits |= t.data_ptr()
     return tuple(key) if bits % 16 == 0 else None
-
-
-def _keep(cache: dict, key, value) -> None:
-    if len(cache) >= ENTRIES_MAX:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
 
 
 class _Listening:
@@ -153,7 +148,7 @@ class Forward:
             out = ops.run_backward(*args, placeholders=False, sum_dtypes=sum_dtypes)
         backward = Backward.recorded(calls, args)
         if backward is not None:
-            _keep(self.backwards, key, backward)
+            keep(self.backwards, ENTRIES_MAX, key, backward)
         return out
 
 
@@ -258,7 +253,7 @@ def forward(full: Callable[..., Tensor], x: Tensor, running_mean: Optional[Tenso
         y = full(*args)
     entry = _recorded(calls, tensors, training, num_batches_tracked, y)
     if entry is not None:
-        _keep(_FORWARD, key, entry)
+        keep(_FORWARD, ENTRIES_MAX, key, entry)
     return y
 
 

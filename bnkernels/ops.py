@@ -62,11 +62,14 @@ def _run(call, forward: bool, x: Tensor) -> None:
 
 def _acc_vectors(x: Tensor, length: int, count: int) -> Tuple[Tensor, ...]:
     """count per-channel results of x's accumulation dtype, each its own tensor (a custom
-    op's outputs may not alias each other); zeros for an empty batch, which no kernel
-    reduces."""
+    op's outputs may not alias each other)."""
     dtype = acc_dtype(x.dtype)
-    alloc = x.new_zeros if x.numel() == 0 else x.new_empty
-    return tuple(alloc(length, dtype=dtype) for _ in range(count))
+    return tuple(_per_channel(x, length, dtype) for _ in range(count))
+
+
+def _per_channel(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """A per-channel result: zeros for an empty batch, which no kernel reduces."""
+    return (x.new_zeros if x.numel() == 0 else x.new_empty)(length, dtype=dtype)
 
 
 def _dres_like(activation, residual, output) -> Optional[Tensor]:
@@ -121,9 +124,8 @@ def run_backward(grad_y, x, weight, bias, residual, output, mean, rstd, var, eps
         (unwanted(), unwanted())
     rounded = (None, None)  # GradSums' bias_grad and weight_grad
     if need_sums and sum_dtypes != (None, None):
-        alloc = x.new_zeros if x.numel() == 0 else x.new_empty  # as _acc_vectors
         rounded = tuple(None if dtype is None or dtype == sum_g.dtype else
-                        alloc(x.shape[1], dtype=dtype) for dtype in sum_dtypes)
+                        _per_channel(x, x.shape[1], dtype) for dtype in sum_dtypes)
     if x.numel() > 0 and (need_dx or need_dres or need_sums):
         call = BackwardCall(
             grad_y=kernel_ready(grad_y), x=kernel_ready(x), weight=weight, bias=bias, eps=eps,

@@ -17,7 +17,7 @@ ROOT = PACKAGE.parent
 
 # Each module's layer (docs/architecture.md); a module imports from its own layer or below.
 LAYERS = [
-    {"activations", "layout"},
+    {"activations", "caches", "layout"},
     {"backends"},  # and everything below it
     {"ops"},
     {"autograd"},

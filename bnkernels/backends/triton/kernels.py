@@ -387,8 +387,7 @@ def _reduce_kernel(
         scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, swC, sbC,
                                HAS_WEIGHT, HAS_BIAS, ACC)
         z_mean, shift = _z_mean_shift(mean, scale, shift)
-    else:
-        k = tl.zeros([BLOCK_C, BLOCK_R], ACC)
+    else:  # (K, the lanes' origin, starts at their first values: below)
         b_err = tl.zeros([BLOCK_C, BLOCK_R], ACC)
         total = tl.zeros([BLOCK_C, BLOCK_R], ACC)
         count = tl.zeros([1, BLOCK_R], ACC)

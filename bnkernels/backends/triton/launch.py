@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ...activations import code
+from ...caches import keep
 from ...layout import acc_dtype, ncs_shape, ncs_strides
 from ..contract import (BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate,
                         backward_slots, forward_slots)
@@ -79,15 +80,6 @@ def _argument_key(kernel, args) -> tuple:
     return tuple(t.dtype for t in tensors), aligned, args[pointers:]
 
 
-def _keep(cache: dict, limit: int, key, value):
-    """cache[key] = value, the oldest entry dropped past limit (the caches below are
-    keyed by shapes and signatures: a dynamic-shape workload would grow them forever)."""
-    if len(cache) >= limit:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
-    return value
-
-
 def _bound_launch(kernel, grid, args, meta):
     """Launches kernel; its runner (None where there is none: bound launches off, or a
     signature _runner can't take)."""
@@ -102,7 +94,7 @@ def _bound_launch(kernel, grid, args, meta):
     compiled = _first_launch(kernel, grid, args, meta)  # launches, through Triton's binder
     runner = _runner(kernel, compiled, grid, len(args), meta)
     if runner is not None:
-        _keep(_RUNNERS, _RUNNERS_MAX, key, runner)
+        keep(_RUNNERS, _RUNNERS_MAX, key, runner)
     return runner
 
 
@@ -162,7 +154,7 @@ _SHAPES_MAX = 4096  # distinct shapes kept
 def _shape_of(x: torch.Tensor, named: dict) -> _Shape:
     key = (x.device, x.dtype, x.shape, tuple((role, t.stride()) for role, t in named.items()))
     shape = _SHAPES.get(key)
-    return shape if shape is not None else _keep(_SHAPES, _SHAPES_MAX, key,
+    return shape if shape is not None else keep(_SHAPES, _SHAPES_MAX, key,
                                                   _plan_shape(x, named))
 
 
@@ -359,7 +351,7 @@ def _replay_or_plan(call, slots: tuple, scalars: tuple, plan) -> None:
     recording = Recording(slots) if replay is _REPLAYS else None
     plan(call, recording)
     if recording is not None:
-        _keep(_REPLAYS, REPLAYS_MAX, key, recording.replay())
+        keep(_REPLAYS, REPLAYS_MAX, key, recording.replay())
 
 
 def _replayer(slots: tuple, scalars: tuple):
