@@ -239,7 +239,12 @@ def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
     meta = launch.meta
     threads = 32 * meta.get("num_warps", 4)
     block_c, block_r = meta["BLOCK_C"], meta.get("BLOCK_R", meta.get("BLOCK_S", 1))
-    per_thread = max(1.0, block_c * block_r / threads)  # elements per thread per iteration
+    # a tile's elements, and the loop's step over the rows: channel blocks' tiles are
+    # block_r lanes of one sample (CHANNEL_SPAN = block_c * S), their loop over samples
+    span = meta.get("CHANNEL_SPAN", 0)
+    tile = block_r if span else block_c * block_r
+    step, loop_rows = (1, rows * block_c // span) if span else (block_r, rows)
+    per_thread = max(1.0, tile / threads)  # elements per thread per iteration
     loop = read["loop_instructions"]
     grouped = (launch.kernel == "_reduce_kernel" and not meta.get("BACKWARD")
                and len(read["loops"]) == 2)
@@ -255,18 +260,19 @@ def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
     else:
         nbytes = launch.tensors * numel * esize
         if grouped:  # a channel block's loop instructions: groups, then tail tiles, by split
-            group_rows = GROUP_TILES * block_r
+            group_rows = GROUP_TILES * step
             group_loop, tail_loop = (r["loop_instructions"] for r in read["loops"])
             instructions = 0
             for j in range(launch.grid[1]):
-                rows_j = max(0, min(launch.rows_per_split, rows - j * launch.rows_per_split))
+                rows_j = max(0, min(launch.rows_per_split,
+                                    loop_rows - j * launch.rows_per_split))
                 groups = rows_j // group_rows
                 instructions += groups * group_loop + -(-(rows_j - groups * group_rows)
-                                                        // block_r) * tail_loop
+                                                        // step) * tail_loop
         else:
-            instructions = -(-rows // block_r) * loop
+            instructions = -(-loop_rows // step) * loop
         # each iteration's instructions, on every thread that holds a tile's elements
-        warp_instructions = launch.grid[0] * instructions * (block_c * block_r / per_thread) / 32
+        warp_instructions = launch.grid[0] * instructions * (tile / per_thread) / 32
         t_work = warp_instructions / (ISSUE_PER_SM * SMS * CLOCK_HZ)
     t_floor = nbytes / BANDWIDTH
     return {"kernel": launch.kernel, "access_bits": read["access_bits"],

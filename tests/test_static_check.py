@@ -67,6 +67,7 @@ def test_static_check_quick_writes_the_table(tmp_path):
     assert kernels == {"_reduce_kernel", "_merge_kernel", "_apply_kernel", "all"}
     for r in rows:
         assert int(r["access_bits"]) in (8, 16, 32, 64, 128)
+        assert int(r["access_bits"]) == 128  # NCHW 7x7 too: channel blocks (plan.py)
         assert float(r["est_ratio"]) >= 1.0 and float(r["mbytes"]) > 0
         assert int(r["regs"]) > 0 and int(r["spills"]) == 0
     # every pass has its total row, and an eval forward is one apply launch

@@ -44,17 +44,107 @@ _GROUP = tl.constexpr(GROUP_TILES)
 
 
 @triton.jit
-def _tile_offsets(r, c, S, sN, sC, sS, FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr):
-    """Offsets of the [BLOCK_C, BLOCK_R] tile of channels c and rows r = n*S + s."""
-    if INDEX_64:
-        r = r.to(tl.int64)
-        c = c.to(tl.int64)
-    if FLAT_ROWS:
-        row_offsets = r * sS  # sS is the row stride here (layout.kernel_layout)
+def _lanes(C, S, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, CHANNEL_SPAN: tl.constexpr):
+    """This program's lanes: (each lane's channel, which lanes hold one, the lane index).
+
+    Rows (CHANNEL_SPAN == 0): a [BLOCK_C, BLOCK_R] tile, a lane per (channel, row) of the
+    tile; the channels are a [BLOCK_C, 1] column, the lanes' index a [1, BLOCK_R] row.
+    Channel blocks (CHANNEL_SPAN = BLOCK_C * S > 0, NCHW with small S): lanes j over the
+    BLOCK_C channels' contiguous S values of one sample, lane j holding channel
+    c0 + j // S for every sample (the division once per program, never per element);
+    channels and lanes both [1, BLOCK_R]. BLOCK_C divides C: every lane below CHANNEL_SPAN
+    holds a channel, so that the lane mask is a constant the compiler can vectorise over."""
+    lane = tl.arange(0, BLOCK_R)[None, :]
+    if CHANNEL_SPAN > 0:
+        channel = tl.program_id(0) * BLOCK_C + lane // S
+        holds = lane < CHANNEL_SPAN
     else:
-        n = r // S
-        row_offsets = n * sN + (r - n * S) * sS
-    return c[:, None] * sC + row_offsets[None, :]
+        channel = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
+        holds = channel < C
+    return channel, holds, lane
+
+
+@triton.jit
+def _tile_offsets(start, lane, channel, S, sN, sC, sS, FLAT_ROWS: tl.constexpr,
+                  CHANNEL_SPAN: tl.constexpr, INDEX_64: tl.constexpr):
+    """Offsets of the tile at start (_lanes): rows r = start + lane, r = n*S + s, of the
+    channels; or (CHANNEL_SPAN) sample n = start of the channel block, whose BLOCK_C * S
+    values are contiguous in every tensor of the launch (sC == S, sS == 1: plan.py)."""
+    if CHANNEL_SPAN > 0:
+        n = start
+        block = tl.program_id(0) * CHANNEL_SPAN  # (a constexpr multiple: aligned vectors)
+        if INDEX_64:
+            n = n.to(tl.int64)
+            block = block.to(tl.int64)
+        offsets = n * sN + block + lane
+    else:
+        r = start + lane
+        if INDEX_64:
+            r = r.to(tl.int64)
+            channel = channel.to(tl.int64)
+        if FLAT_ROWS:
+            row_offsets = r * sS  # sS is the row stride here (layout.kernel_layout)
+        else:
+            n = r // S
+            row_offsets = n * sN + (r - n * S) * sS
+        offsets = channel * sC + row_offsets
+    return offsets
+
+
+@triton.jit
+def _rows_held(start, lane, row_end, CHANNEL_SPAN: tl.constexpr):
+    """[1, BLOCK_R]: which lanes of the tile at start hold a row before row_end (channel
+    blocks: a sample, before row_end in the loop's own bound, so every lane)."""
+    if CHANNEL_SPAN > 0:
+        held = (lane * 0 + start) < row_end
+    else:
+        held = (start + lane) < row_end
+    return held
+
+
+@triton.jit
+def _tile_mask(start, lane, holds, row_end, CHANNEL_SPAN: tl.constexpr):
+    """The lanes of the tile at start to load and store: channel blocks, the lanes that hold
+    a channel (the loop's bound keeps the samples in range); rows, those with a row too."""
+    if CHANNEL_SPAN > 0:
+        mask = holds
+    else:
+        mask = holds & ((start + lane) < row_end)
+    return mask
+
+
+@triton.jit
+def _out_channels(C, BLOCK_C: tl.constexpr, SEG_C: tl.constexpr, CHANNEL_SPAN: tl.constexpr):
+    """The channels of this program's per-channel results ([BLOCK_C], or channel blocks'
+    [SEG_C], SEG_C = BLOCK_C rounded up to a power of two) and which are real."""
+    if CHANNEL_SPAN > 0:
+        local = tl.arange(0, SEG_C)
+        c = tl.program_id(0) * BLOCK_C + local
+        real = (local < BLOCK_C) & (c < C)
+    else:
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        real = c < C
+    return c, real
+
+
+@triton.jit
+def _by_channel(t, S, fill, SEG_C: tl.constexpr, SEG_S: tl.constexpr,
+                CHANNEL_SPAN: tl.constexpr):
+    """Lane values with one row per channel, to reduce along axis 1 (_merge_lanes, tl.sum):
+    rows' tiles as they are; channel blocks' [1, BLOCK_R] lanes gathered into
+    [SEG_C, SEG_S] (lane c*S + s at (c, s); fill where s >= S or past the block). Once
+    per program, after its loop."""
+    if CHANNEL_SPAN > 0:
+        c = tl.arange(0, SEG_C)[:, None]
+        s = tl.arange(0, SEG_S)[None, :]
+        j = c * S + s
+        real = (s < S) & (j < CHANNEL_SPAN)
+        index = tl.reshape(tl.where(real, j, 0), [SEG_C * SEG_S])
+        lanes = tl.gather(tl.reshape(t, [t.shape[1]]), index, 0)
+        out = tl.where(real, tl.reshape(lanes, [SEG_C, SEG_S]), fill)
+    else:
+        out = t
+    return out
 
 
 @triton.jit
@@ -112,7 +202,7 @@ def _pre_activation(x, mean, scale, shift, res_ptr, res_offsets, mask,
     """z = (x - mean) * scale + shift (+ residual): the forward's expression, which the
     backward repeats term for term so that its z (and relu's z > 0) is the forward's.
     (x - mean) is formed before scaling: for |mean| >> std, x*a + b would cancel."""
-    z = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+    z = (x - mean) * scale + shift
     if HAS_RESIDUAL:
         z += tl.load(res_ptr + res_offsets, mask=mask, other=0.0).to(ACC)
     return z
@@ -169,12 +259,11 @@ def _epilogue_grad(g, x, mean, scale, shift, res_ptr, res_offsets, y_ptr, y_offs
 
 
 @triton.jit
-def _program_share(C, R, rows_per_split, BLOCK_C: tl.constexpr):
-    """This program's channels (block program_id(0)) and rows [row0, row_end) (split
-    program_id(1))."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _program_rows(R, rows_per_split):
+    """This program's rows [row0, row_end) (split program_id(1)): channel blocks' rows are
+    samples."""
     row0 = tl.program_id(1) * rows_per_split
-    return c, c < C, row0, tl.minimum(row0 + rows_per_split, R)
+    return row0, tl.minimum(row0 + rows_per_split, R)
 
 
 @triton.jit
@@ -295,9 +384,10 @@ def _store_batch_stats(c, c_mask, k, mean, var, total, n, eps, R,
 
 
 @triton.jit
-def _load_tile(ptr, r, c, mask, S, sN, sC, sS,
-               FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr):
-    offsets = _tile_offsets(r, c, S, sN, sC, sS, FLAT_ROWS, INDEX_64)
+def _load_tile(ptr, start, lane, channel, mask, S, sN, sC, sS, FLAT_ROWS: tl.constexpr,
+               CHANNEL_SPAN: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr):
+    offsets = _tile_offsets(start, lane, channel, S, sN, sC, sS, FLAT_ROWS, CHANNEL_SPAN,
+                            INDEX_64)
     return tl.load(ptr + offsets, mask=mask, other=0.0).to(ACC)
 
 
@@ -342,7 +432,8 @@ def _reduce_kernel(
     HAS_DBIAS: tl.constexpr, HAS_DWEIGHT: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_FROM_Y: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr,
+    FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr, CHANNEL_SPAN: tl.constexpr,
+    ROW_STEP: tl.constexpr, SEG_C: tl.constexpr, SEG_S: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
     """Per-channel partial reductions over this program's rows [row0, row_end).
@@ -375,68 +466,76 @@ def _reduce_kernel(
     merge kernel's outputs instead, written here (out0..2, dbias and dweight, and the
     running statistics).
     """
-    c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
+    channel, holds, lane = _lanes(C, S, BLOCK_C, BLOCK_R, CHANNEL_SPAN)
+    row0, row_end = _program_rows(R, rows_per_split)
+    c, c_mask = _out_channels(C, BLOCK_C, SEG_C, CHANNEL_SPAN)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
+    values = R  # a channel's values: R rows, or (channel blocks) R samples of S
+    if CHANNEL_SPAN > 0:
+        values = R * S
 
-    a = tl.zeros([BLOCK_C, BLOCK_R], ACC)
-    b = tl.zeros([BLOCK_C, BLOCK_R], ACC)
+    a = tl.zeros([channel.shape[0], BLOCK_R], ACC)
+    b = tl.zeros([channel.shape[0], BLOCK_R], ACC)
     if BACKWARD:
-        mean, rstd = _channel_stats(mean_ptr, rstd_or_var_ptr, c, c_mask, eps, smC, ssC,
+        mean, rstd = _channel_stats(mean_ptr, rstd_or_var_ptr, channel, holds, eps, smC, ssC,
                                     FROM_VAR, ACC)
-        scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, swC, sbC,
+        scale, shift = _affine(weight_ptr, bias_ptr, rstd, channel, holds, swC, sbC,
                                HAS_WEIGHT, HAS_BIAS, ACC)
         z_mean, shift = _z_mean_shift(mean, scale, shift)
     else:  # (K, the lanes' origin, starts at their first values: below)
-        b_err = tl.zeros([BLOCK_C, BLOCK_R], ACC)
-        total = tl.zeros([BLOCK_C, BLOCK_R], ACC)
+        b_err = tl.zeros([channel.shape[0], BLOCK_R], ACC)
+        total = tl.zeros([channel.shape[0], BLOCK_R], ACC)
         count = tl.zeros([1, BLOCK_R], ACC)
         steps = tl.zeros([1, 1], ACC)  # the tiles this program has read
     if BACKWARD:
-        for start in range(row0, row_end, BLOCK_R):
-            r = start + tl.arange(0, BLOCK_R)
-            mask = c_mask[:, None] & (r < row_end)[None, :]
-            x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
-            g = _load_tile(g_ptr, r, c, mask, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64, ACC)
+        for start in range(row0, row_end, ROW_STEP):
+            mask = _tile_mask(start, lane, holds, row_end, CHANNEL_SPAN)
+            x = _load_tile(x_ptr, start, lane, channel, mask, S, sxN, sxC, sxS, FLAT_ROWS,
+                           CHANNEL_SPAN, INDEX_64, ACC)
+            g = _load_tile(g_ptr, start, lane, channel, mask, S, sgN, sgC, sgS, FLAT_ROWS,
+                           CHANNEL_SPAN, INDEX_64, ACC)
             if ACTIVATION != _IDENTITY:
-                res_offsets = _tile_offsets(r, c, S, srN, srC, srS, FLAT_ROWS, INDEX_64)
-                y_offsets = _tile_offsets(r, c, S, syN, syC, syS, FLAT_ROWS, INDEX_64)
+                res_offsets = _tile_offsets(start, lane, channel, S, srN, srC, srS, FLAT_ROWS,
+                                            CHANNEL_SPAN, INDEX_64)
+                y_offsets = _tile_offsets(start, lane, channel, S, syN, syC, syS, FLAT_ROWS,
+                                          CHANNEL_SPAN, INDEX_64)
                 g = _epilogue_grad(g, x, z_mean, scale, shift, res_ptr, res_offsets, y_ptr,
                                    y_offsets, mask, ACTIVATION, HAS_RESIDUAL, MASK_FROM_Y, ACC)
             a += g
-            b += g * ((x - mean[:, None]) * rstd[:, None])
+            b += g * ((x - mean) * rstd)
     else:
         # Whole groups of _GROUP tiles first: every lane active (no row mask), and one
         # update per _GROUP values (_group_update); then the tail, one tile at a time.
-        group_rows = _GROUP * BLOCK_R
+        group_rows = _GROUP * ROW_STEP
         group_end = row0 + (row_end - row0) // group_rows * group_rows
-        lanes = tl.broadcast_to(c_mask[:, None], [BLOCK_C, BLOCK_R])
+        lanes = tl.broadcast_to(holds, [channel.shape[0], BLOCK_R])
         # The shift starts at each lane's first value (0 for a lane without rows), so that
         # the first group's x - K is exact too (Sterbenz): from K = 0, the group's mean
         # of x = 1e4 + randn would round at 1e4's scale, and that error would reach the
         # variance through every later combine. (The one-value update makes K its first
         # value itself: this changes nothing there.)
-        r = row0 + tl.arange(0, BLOCK_R)
-        k = _load_tile(x_ptr, r, c, c_mask[:, None] & (r < row_end)[None, :], S, sxN, sxC,
-                       sxS, FLAT_ROWS, INDEX_64, ACC)
+        k = _load_tile(x_ptr, row0, lane, channel,
+                       lanes & _rows_held(row0, lane, row_end, CHANNEL_SPAN), S, sxN, sxC,
+                       sxS, FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ACC)
         for start in range(row0, group_end, group_rows):
-            r = start + tl.arange(0, BLOCK_R)
-            x0 = _load_tile(x_ptr, r, c, lanes, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
-            x1 = _load_tile(x_ptr, r + BLOCK_R, c, lanes, S, sxN, sxC, sxS, FLAT_ROWS,
-                            INDEX_64, ACC)
-            x2 = _load_tile(x_ptr, r + 2 * BLOCK_R, c, lanes, S, sxN, sxC, sxS, FLAT_ROWS,
-                            INDEX_64, ACC)
-            x3 = _load_tile(x_ptr, r + 3 * BLOCK_R, c, lanes, S, sxN, sxC, sxS, FLAT_ROWS,
-                            INDEX_64, ACC)
+            x0 = _load_tile(x_ptr, start, lane, channel, lanes, S, sxN, sxC, sxS, FLAT_ROWS,
+                            CHANNEL_SPAN, INDEX_64, ACC)
+            x1 = _load_tile(x_ptr, start + ROW_STEP, lane, channel, lanes, S, sxN, sxC, sxS,
+                            FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ACC)
+            x2 = _load_tile(x_ptr, start + 2 * ROW_STEP, lane, channel, lanes, S, sxN, sxC,
+                            sxS, FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ACC)
+            x3 = _load_tile(x_ptr, start + 3 * ROW_STEP, lane, channel, lanes, S, sxN, sxC,
+                            sxS, FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ACC)
             total += (x0 + x1) + (x2 + x3)
             count += _GROUP
             steps += _GROUP
             k, a, b, b_err = _group_update(x0, x1, x2, x3, k, a, b, b_err, _GROUP / steps)
-        for start in range(group_end, row_end, BLOCK_R):
-            r = start + tl.arange(0, BLOCK_R)
-            r_mask = (r < row_end)[None, :]
-            mask = c_mask[:, None] & r_mask
-            x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
+        for start in range(group_end, row_end, ROW_STEP):
+            r_mask = _rows_held(start, lane, row_end, CHANNEL_SPAN)
+            mask = _tile_mask(start, lane, holds, row_end, CHANNEL_SPAN)
+            x = _load_tile(x_ptr, start, lane, channel, mask, S, sxN, sxC, sxS, FLAT_ROWS,
+                           CHANNEL_SPAN, INDEX_64, ACC)
             v = x - k
             total += x
             count += r_mask.to(ACC)
@@ -457,24 +556,30 @@ def _reduce_kernel(
             k, a = _two_sum(k, a)
 
     if BACKWARD:
+        sum_g = tl.sum(_by_channel(a, S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN), axis=1)
+        sum_gx = tl.sum(_by_channel(b, S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN), axis=1)
         if FINAL:
-            _store_grad_sums(c, c_mask, tl.sum(a, axis=1), tl.sum(b, axis=1), out0_ptr,
-                             out1_ptr, dbias_ptr, dweight_ptr, HAS_DBIAS, HAS_DWEIGHT)
+            _store_grad_sums(c, c_mask, sum_g, sum_gx, out0_ptr, out1_ptr, dbias_ptr,
+                             dweight_ptr, HAS_DBIAS, HAS_DWEIGHT)
         else:
-            tl.store(part_ptr + split * C + c, tl.sum(a, axis=1), mask=c_mask)
-            tl.store(part_ptr + (num_splits + split) * C + c, tl.sum(b, axis=1), mask=c_mask)
+            tl.store(part_ptr + split * C + c, sum_g, mask=c_mask)
+            tl.store(part_ptr + (num_splits + split) * C + c, sum_gx, mask=c_mask)
     else:
-        counts = tl.broadcast_to(count, [BLOCK_C, BLOCK_R])
+        counts = tl.broadcast_to(count, [channel.shape[0], BLOCK_R]).to(tl.float64)
         # The lanes merge in float64 (once per program, not per element): their shifts
         # differ by up to the data's range, and float32 merges would round at its scale.
         f64 = tl.float64
         out_k, out_mean, out_var, out_sum = _merge_lanes(
-            k.to(f64), a.to(f64), b.to(f64) + b_err.to(f64), counts.to(f64), total.to(f64))
+            _by_channel(k.to(f64), S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN),
+            _by_channel(a.to(f64), S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN),
+            _by_channel(b.to(f64) + b_err.to(f64), S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN),
+            _by_channel(counts, S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN),
+            _by_channel(total.to(f64), S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN))
         if FINAL:
             _store_batch_stats(c, c_mask, out_k, out_mean, out_var, out_sum,
-                               tl.cast(R, f64), eps, R, out0_ptr, out1_ptr, out2_ptr,
-                               rm_ptr, rv_ptr, nbt_ptr, momentum_hi, momentum_lo, srmC, srvC,
-                               UPDATE_RUNNING, CUMULATIVE, ACC)
+                               tl.cast(values, f64), eps, values, out0_ptr, out1_ptr,
+                               out2_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum_hi, momentum_lo,
+                               srmC, srvC, UPDATE_RUNNING, CUMULATIVE, ACC)
         else:
             tl.store(part_ptr + split * C + c, out_k, mask=c_mask)
             tl.store(part_ptr + (num_splits + split) * C + c, out_mean, mask=c_mask)
@@ -570,7 +675,8 @@ def _apply_kernel(
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_FROM_Y: tl.constexpr,
     HAS_DRES: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr,
+    FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr, CHANNEL_SPAN: tl.constexpr,
+    ROW_STEP: tl.constexpr, SEG_C: tl.constexpr, SEG_S: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
     """The elementwise pass, one read of each input and one write of each output.
@@ -588,50 +694,58 @@ def _apply_kernel(
     after the launch that read it (_store_batch_stats), so no launch reads a half-updated
     counter.
     """
-    c, c_mask, row0, row_end = _program_share(C, R, rows_per_split, BLOCK_C)
+    channel, holds, lane = _lanes(C, S, BLOCK_C, BLOCK_R, CHANNEL_SPAN)
+    row0, row_end = _program_rows(R, rows_per_split)
     if COUNT_BATCH:
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
-    mean, rstd = _channel_stats(mean_ptr, rstd_or_var_ptr, c, c_mask, eps, smC, ssC, FROM_VAR,
-                                ACC)
-    scale, shift = _affine(weight_ptr, bias_ptr, rstd, c, c_mask, swC, sbC,
+    mean, rstd = _channel_stats(mean_ptr, rstd_or_var_ptr, channel, holds, eps, smC, ssC,
+                                FROM_VAR, ACC)
+    scale, shift = _affine(weight_ptr, bias_ptr, rstd, channel, holds, swC, sbC,
                            HAS_WEIGHT, HAS_BIAS, ACC)
     z_mean, shift = _z_mean_shift(mean, scale, shift)
     if BACKWARD:
         if BATCH_STATS:
             if COUNT_PER_CHANNEL:
-                m = tl.load(count_ptr + c, mask=c_mask, other=1.0)
+                m = tl.load(count_ptr + channel, mask=holds, other=1.0)
             else:
                 m = count
-            mean_g = tl.load(sum_g_ptr + c, mask=c_mask, other=0.0) / m
-            mean_gx = tl.load(sum_gx_ptr + c, mask=c_mask, other=0.0) / m
+            mean_g = tl.load(sum_g_ptr + channel, mask=holds, other=0.0) / m
+            mean_gx = tl.load(sum_gx_ptr + channel, mask=holds, other=0.0) / m
 
-    for start in range(row0, row_end, BLOCK_R):
-        r = start + tl.arange(0, BLOCK_R)
-        mask = c_mask[:, None] & (r < row_end)[None, :]
-        res_offsets = _tile_offsets(r, c, S, srN, srC, srS, FLAT_ROWS, INDEX_64)
+    for start in range(row0, row_end, ROW_STEP):
+        mask = _tile_mask(start, lane, holds, row_end, CHANNEL_SPAN)
+        res_offsets = _tile_offsets(start, lane, channel, S, srN, srC, srS, FLAT_ROWS,
+                                    CHANNEL_SPAN, INDEX_64)
         if BACKWARD:
-            g = _load_tile(g_ptr, r, c, mask, S, sgN, sgC, sgS, FLAT_ROWS, INDEX_64, ACC)
+            g = _load_tile(g_ptr, start, lane, channel, mask, S, sgN, sgC, sgS, FLAT_ROWS,
+                           CHANNEL_SPAN, INDEX_64, ACC)
             if ACTIVATION != _IDENTITY:
-                x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
-                y_offsets = _tile_offsets(r, c, S, syN, syC, syS, FLAT_ROWS, INDEX_64)
+                x = _load_tile(x_ptr, start, lane, channel, mask, S, sxN, sxC, sxS, FLAT_ROWS,
+                               CHANNEL_SPAN, INDEX_64, ACC)
+                y_offsets = _tile_offsets(start, lane, channel, S, syN, syC, syS, FLAT_ROWS,
+                                          CHANNEL_SPAN, INDEX_64)
                 g = _epilogue_grad(g, x, z_mean, scale, shift, res_ptr, res_offsets, y_ptr,
                                    y_offsets, mask, ACTIVATION, HAS_RESIDUAL, MASK_FROM_Y, ACC)
                 if HAS_DRES:
-                    d_offsets = _tile_offsets(r, c, S, sdN, sdC, sdS, FLAT_ROWS, INDEX_64)
+                    d_offsets = _tile_offsets(start, lane, channel, S, sdN, sdC, sdS,
+                                              FLAT_ROWS, CHANNEL_SPAN, INDEX_64)
                     tl.store(dres_ptr + d_offsets, g.to(dres_ptr.dtype.element_ty), mask=mask)
             if BATCH_STATS:
                 if ACTIVATION == _IDENTITY:
-                    x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
-                xhat = (x - mean[:, None]) * rstd[:, None]
-                out = scale[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+                    x = _load_tile(x_ptr, start, lane, channel, mask, S, sxN, sxC, sxS,
+                                   FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ACC)
+                xhat = (x - mean) * rstd
+                out = scale * (g - mean_g - xhat * mean_gx)
             else:
-                out = scale[:, None] * g
+                out = scale * g
         else:
-            x = _load_tile(x_ptr, r, c, mask, S, sxN, sxC, sxS, FLAT_ROWS, INDEX_64, ACC)
+            x = _load_tile(x_ptr, start, lane, channel, mask, S, sxN, sxC, sxS, FLAT_ROWS,
+                           CHANNEL_SPAN, INDEX_64, ACC)
             z = _pre_activation(x, z_mean, scale, shift, res_ptr, res_offsets, mask,
                                 HAS_RESIDUAL, ACC)
             out = _activation(z, ACTIVATION)
-        o_offsets = _tile_offsets(r, c, S, soN, soC, soS, FLAT_ROWS, INDEX_64)
+        o_offsets = _tile_offsets(start, lane, channel, S, soN, soC, soS, FLAT_ROWS,
+                                  CHANNEL_SPAN, INDEX_64)
         tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)

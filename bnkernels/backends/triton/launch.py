@@ -18,7 +18,9 @@ from ...layout import acc_dtype, ncs_shape, ncs_strides
 from ..contract import (BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate,
                         backward_slots, forward_slots)
 from .kernels import _apply_kernel, _merge_kernel, _reduce_kernel
-from .plan import KernelLayout, LaunchPlan, kernel_layout, launch_plan, merge_tile
+from . import plan as plan_module
+from .plan import (KernelLayout, LaunchPlan, channel_block_plan, channel_blocks_fit,
+                   kernel_layout, launch_plan, merge_tile)
 from .replay import REPLAYS_MAX, Recording, slot_key
 
 _GL = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -151,8 +153,16 @@ _SHAPES: dict = {}
 _SHAPES_MAX = 4096  # distinct shapes kept
 
 
+def _planning() -> tuple:
+    """What planning depends on beside the tensors: plan.py's settings and the planners
+    themselves (the tests replace them): part of every cache key of plans and replays."""
+    return (plan_module.settings(), launch_plan, kernel_layout, channel_block_plan,
+            channel_blocks_fit)
+
+
 def _shape_of(x: torch.Tensor, named: dict) -> _Shape:
-    key = (x.device, x.dtype, x.shape, tuple((role, t.stride()) for role, t in named.items()))
+    key = (x.device, x.dtype, x.shape, tuple((role, t.stride()) for role, t in named.items()),
+           _planning())
     shape = _SHAPES.get(key)
     return shape if shape is not None else keep(_SHAPES, _SHAPES_MAX, key,
                                                   _plan_shape(x, named))
@@ -162,11 +172,19 @@ def _plan_shape(x: torch.Tensor, named: dict) -> _Shape:
     n, c, s = ncs_shape(x)
     acc = acc_dtype(x.dtype)
     channels_fast = ncs_strides(x)[1] == 1 and c > 1
-    plan = launch_plan(n, c, s, channels_fast, x.device)
-    layout = kernel_layout(tuple(named.values()), plan.block_c, plan.block_r)
+    tensors = tuple(named.values())
+    plan = None
+    if not channels_fast and channel_blocks_fit(tensors):
+        plan = channel_block_plan(n, c, s, x.device)
+    if plan is None:
+        plan = launch_plan(n, c, s, channels_fast, x.device)
+    layout = kernel_layout(tensors, plan.block_c, plan.block_r, plan.channel_span)
     strides = dict(zip(named, layout.strides))
     element_strides = tuple(v for role in _ROLES for v in strides.get(role, strides["x"]))
     base_meta = (("FLAT_ROWS", layout.flat_rows), ("INDEX_64", layout.index_64),
+                 ("CHANNEL_SPAN", plan.channel_span),
+                 ("ROW_STEP", 1 if plan.channel_span else plan.block_r),
+                 ("SEG_C", plan.seg_c), ("SEG_S", plan.seg_s),
                  ("BLOCK_C", plan.block_c), ("BLOCK_R", plan.block_r), ("ACC", _GL[acc]),
                  ("num_warps", plan.num_warps))
     return _Shape(n, c, s, acc, plan, layout, element_strides, (plan.c_blocks, plan.splits),
@@ -185,8 +203,12 @@ class Launch:
                 named[role] = t
         shape = _shape_of(x, named)
         self.n, self.c, self.s, self.acc = shape.n, shape.c, shape.s, shape.acc
-        self.rows = self.n * self.s
+        self.rows = self.n * self.s  # a channel's values
         self.plan, self.layout, self.grid = shape.plan, shape.layout, shape.grid
+        # the kernels' R: rows, or (channel blocks) samples; a split's values, for the merge
+        blocks = self.plan.channel_span > 0
+        self.loop_rows = self.n if blocks else self.rows
+        self.split_values = self.plan.rows_per_split * (self.s if blocks else 1)
         self.element_strides = shape.element_strides
         self._base_meta = shape.base_meta
         self.x = x
@@ -244,7 +266,7 @@ class Launch:
         self.launch(_reduce_kernel, self.grid, *(self.pointer(r) for r in reduce_roles),
                 _or_x(mean, x), _or_x(spread, x), _or_x(weight, x), _or_x(bias, x), part,
                 outs[0], outs[1], out2, *grads, *running.pointers,
-                self.c, self.s, self.rows, plan.rows_per_split, eps, *running.momentum,
+                self.c, self.s, self.loop_rows, plan.rows_per_split, eps, *running.momentum,
                 *self.element_strides[:3 * len(reduce_roles)],
                 *_channel_strides(mean, spread, weight, bias), *running.strides,
                 **self.meta(activation, weight, bias, BACKWARD=backward,
@@ -254,7 +276,7 @@ class Launch:
             return
         block_c, block_s = merge_tile(self.c, plan.splits)
         self.launch(_merge_kernel, (triton.cdiv(self.c, block_c),), part, outs[0], outs[1],
-                    out2, *grads, *running.pointers, self.c, self.rows, plan.rows_per_split,
+                    out2, *grads, *running.pointers, self.c, self.rows, self.split_values,
                     plan.splits, eps, *running.momentum, *running.strides, BACKWARD=backward,
                     BLOCK_C=block_c, BLOCK_S=block_s, ACC=_GL[self.acc], **switches)
 
@@ -271,7 +293,7 @@ class Launch:
         self.launch(_apply_kernel, self.grid, *(self.pointer(r) for r in _ROLES),
                 stats.mean, _spread_of(stats), _or_x(weight, x), _or_x(bias, x), sum_g, sum_gx,
                 count.contiguous() if per_channel else x, _or_x(num_batches_tracked, x),
-                self.c, self.s, self.rows, self.plan.rows_per_split, eps,
+                self.c, self.s, self.loop_rows, self.plan.rows_per_split, eps,
                 1 if per_channel or count is None else count,
                 *self.element_strides,
                 *_channel_strides(stats.mean, _spread_of(stats), weight, bias),
@@ -337,7 +359,7 @@ def _replay_key(slots: tuple, scalars: tuple):
     if not aligned or (x.device.type == "cuda" and
                        x.device.index != torch.cuda.current_device()):
         return None
-    return (x.shape, x.device, scalars, tensors, cpu_launch, bound_launches)
+    return (x.shape, x.device, scalars, tensors, cpu_launch, bound_launches, _planning())
 
 
 def _replay_or_plan(call, slots: tuple, scalars: tuple, plan) -> None:
@@ -357,7 +379,7 @@ def _replay_or_plan(call, slots: tuple, scalars: tuple, plan) -> None:
 def _replayer(slots: tuple, scalars: tuple):
     """A contract.Replayer of the call whose slots and scalars these are, after it ran;
     None where it has no replay. It refuses (False) once the launch hooks in its key have
-    changed, or (CUDA) on another current device than x's."""
+    changed (or the planning: _planning), or (CUDA) on another current device than x's."""
     key = _replay_key(slots, scalars)
     replay = _REPLAYS.get(key) if key is not None else None
     if replay is None:
@@ -368,7 +390,7 @@ def _replayer(slots: tuple, scalars: tuple):
     device = slots[0].device
 
     def replayer(call_slots: tuple) -> bool:
-        if (cpu_launch, bound_launches) != hooks or replays is not _REPLAYS or (
+        if (cpu_launch, bound_launches, _planning()) != hooks or replays is not _REPLAYS or (
                 device.type == "cuda" and device.index != torch.cuda.current_device()):
             return False
         run(call_slots, launch_counts)

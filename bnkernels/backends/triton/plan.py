@@ -3,10 +3,15 @@
 Rows are the flattened (n, s) pairs of a channel: r = n * S + s. When every tensor of a
 launch has sN == S * sS (channels_last, 2-D inputs, N == 1 or S == 1) a row is one stride
 away from the next and the kernels skip the per-element division r // S ("flat rows").
+NCHW with a small S takes channel blocks instead (kernels._lanes): a tile's lanes run over
+a block of channels' contiguous S values of one sample, and the loop over the samples.
+Why: S = 49 or 196 is no multiple of 8, so rows of one channel start at addresses no
+vector load can take, and r // S costs a division per element; a block of 32 x 49 (or
+8 x 196) values starts on a multiple of 8 elements, so every access is 128 bits wide.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,9 +51,20 @@ class KernelLayout(NamedTuple):
     strides: Tuple[Strides, ...]  # per tensor, in the order given; sS is the row stride when flat
 
 
-def kernel_layout(tensors: Sequence[torch.Tensor], block_c: int, block_r: int) -> KernelLayout:
+def channel_blocks_fit(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor holds each sample's channels as one contiguous run of C * S
+    values (sC == S, sS == 1): what channel blocks index by (NCHW, or NCHW's slices)."""
+    s = ncs_shape(tensors[0])[2]
+    return all(ss == 1 and sc == s for _, sc, ss in (ncs_strides(t) for t in tensors))
+
+
+def kernel_layout(tensors: Sequence[torch.Tensor], block_c: int, block_r: int,
+                  channel_span: int = 0) -> KernelLayout:
     n, c, s = ncs_shape(tensors[0])
     strides = [ncs_strides(t) for t in tensors]
+    if channel_span:  # offsets n * sN + (the block's and lane's) < n * sN + C * S + lanes
+        reach = max(n * sn + c * s + block_r for sn, _, _ in strides)
+        return KernelLayout(False, reach >= 2**31 - 1, tuple(strides))
     flat = all(n == 1 or s == 1 or sn == s * ss for sn, _, ss in strides)
     if flat:
         # a row is one stride away from the next: sN when S == 1, sS otherwise
@@ -71,11 +87,16 @@ def target_programs(device: torch.device) -> int:
 
 class LaunchPlan(NamedTuple):
     block_c: int
-    block_r: int
+    block_r: int  # rows per tile; channel blocks: lanes per tile
     c_blocks: int
     splits: int  # programs sharing one channel block, each over rows_per_split rows
-    rows_per_split: int
+    rows_per_split: int  # channel blocks: samples
     num_warps: int
+    # Channel blocks (kernels._lanes): block_c * S, the values of a block per sample, and
+    # the [seg_c, seg_s] tile its lanes are gathered into by channel; 0 (and 1, 1): rows.
+    channel_span: int = 0
+    seg_c: int = 1
+    seg_s: int = 1
 
 
 # NCHW tiles: rows per tile no shorter than this when fitted to the rows (_fitted_rows).
@@ -105,6 +126,60 @@ def _fitted_rows(rows: int, block_r: int) -> int:
     return best
 
 
+# Channel blocks are for spatial sizes up to this (14 x 14 = 196 fits; 28 x 28 = 784 rows
+# are multiples of 8 already, and take row tiles).
+CHANNEL_BLOCK_MAX_S = 256
+
+
+def settings() -> tuple:
+    """What a plan depends on beside the shape: this module's tunables, which the tests and
+    bench/precision.py's plans change at run time. The launcher's caches of plans and
+    replays key on them, so that a changed setting is planned afresh, never served a plan
+    made before it."""
+    return (GPU_TILE, INTERPRETER_TILE, INTERPRETER_PROGRAMS, MIN_FITTED_ROWS, TAIL_TILE_COST,
+            CHANNEL_BLOCK_MAX_S, target_programs)
+
+
+def _splits(tiles: int, c_blocks: int, device: torch.device) -> Tuple[int, int]:
+    """(splits, tiles per split): as many programs as fill the device, each over whole
+    groups of GROUP_TILES tiles where it takes at least 3 tiles, none without tiles."""
+    splits = max(1, min(tiles, target_programs(device) // c_blocks))
+    tiles_per_split = -(-tiles // splits)
+    if tiles_per_split >= GROUP_TILES - 1:  # whole groups (fewer, longer splits)
+        tiles_per_split = -(-tiles_per_split // GROUP_TILES) * GROUP_TILES
+    return -(-tiles // tiles_per_split), tiles_per_split  # no split is left without rows
+
+
+def channel_block_plan(n: int, c: int, s: int, device: torch.device) -> Optional[LaunchPlan]:
+    """The channel-block plan (kernels._lanes) of an NCHW launch, or None where row tiles
+    serve better: S above CHANNEL_BLOCK_MAX_S, or no block of channels (a divisor of C:
+    the lane mask stays a constant) that fills a quarter of a tile.
+
+    The block: the most channels that fit a tile, of those that start every block on a
+    multiple of 8 values (block * S % 8 == 0: 128-bit vectors of bfloat16); a tile is
+    one sample of the block; the samples are split over programs as rows are."""
+    tile = GPU_TILE if device.type == "cuda" else INTERPRETER_TILE
+    if s > min(CHANNEL_BLOCK_MAX_S, tile):
+        return None
+    fits = [d for d in range(1, min(c, tile // s) + 1) if c % d == 0]
+    aligned = [d for d in fits if d * s % 8 == 0 or d == c]
+    block = max(aligned or fits)
+    span = block * s
+    if span < min(c * s, tile // 4):
+        return None
+    lanes = next_pow2(span)
+    c_blocks = c // block
+    # no more splits than tiles' worth of values (a tile holds one sample here): a small
+    # tensor stays one split, as its rows would (no merge launch)
+    splits, per_split = _splits(min(n, -(-n * span // tile)), c_blocks, device)
+    per_split = -(-n // splits)
+    if per_split >= GROUP_TILES - 1:
+        per_split = -(-per_split // GROUP_TILES) * GROUP_TILES
+    splits = -(-n // per_split)
+    return LaunchPlan(block, lanes, c_blocks, splits, per_split, 8 if lanes >= 2048 else 4,
+                      span, next_pow2(block), next_pow2(s))
+
+
 def launch_plan(n: int, c: int, s: int, channels_fast: bool, device: torch.device) -> LaunchPlan:
     """Tile shape and grid for the reduction and elementwise kernels.
 
@@ -123,10 +198,6 @@ def launch_plan(n: int, c: int, s: int, channels_fast: bool, device: torch.devic
         block_c = min(next_pow2(c), max(1, tile // block_r))
     c_blocks = -(-c // block_c)
     r_tiles = max(1, -(-rows // block_r))
-    splits = max(1, min(r_tiles, target_programs(device) // c_blocks))
-    tiles_per_split = -(-r_tiles // splits)
-    if tiles_per_split >= GROUP_TILES - 1:  # whole groups (fewer, longer splits)
-        tiles_per_split = -(-tiles_per_split // GROUP_TILES) * GROUP_TILES
-    splits = -(-r_tiles // tiles_per_split)  # no split is left without rows
+    splits, tiles_per_split = _splits(r_tiles, c_blocks, device)
     num_warps = 8 if block_c * block_r >= 2048 else 4
     return LaunchPlan(block_c, block_r, c_blocks, splits, tiles_per_split * block_r, num_warps)
