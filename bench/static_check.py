@@ -17,13 +17,21 @@ to 1), and compiled for the architecture. From the cubin (cuobjdump -sass, -res-
   instr_per_elem  SASS instructions in the loops per element a thread handles per iteration
   mbytes          MB the launch moves (its element tensors, or the merge's partials)
   est_ratio       estimated time / floor, the floor being the bytes at 3.0 TB/s. The time is
-                  the largest of: the bytes at 3.0 TB/s; the loops' instructions over every
-                  tile element (padding included) at 4 warp-instructions per clock per SM,
-                  132 SMs, 1.755 GHz; for the merge, its serial loop over the splits (steps
-                  of BLOCK_S) at one instruction per clock (a lower bound: one warp's chain).
+                  the larger of: the bytes at 3.0 TB/s; the issue time, at 4
+                  warp-instructions per clock per SM, 132 SMs, 1.755 GHz, of the loops'
+                  instructions over every tile element (padding included) plus every
+                  program's warps' instructions outside the loops (set-up, and the end
+                  that pools its partials; slow paths that rarely run are counted too, so
+                  this errs high); for the merge, its serial chain at one instruction per
+                  clock: the loop over the splits (steps of BLOCK_S) and its end.
+  inflight_kb     KB of global loads in flight per SM: the programs an SM holds at once
+                  (registers, threads, shared memory, and the grid's share of the SMs),
+                  times one iteration's loads of the hot loop, times STAGES - 1 where the
+                  loop is pipelined (cp.async, LDGSTS). The bar: 32 KB (INFLIGHT_KB).
 A row with kernel "all" sums a pass's launches (its est_ratio: the summed time over the
-pass's floor). The model ignores latency and bytes in flight, so an est_ratio near 1 is
-necessary, not sufficient: the GPU suite measures it (bn.md shows the two side by side).
+pass's floor; its inflight_kb: the least of its reduce and apply launches). The model
+ignores latency beyond the bytes in flight, so an est_ratio near 1 is necessary, not
+sufficient: the GPU suite measures it (bn.md shows the two side by side).
 
 Rows are written to DIR/sm<arch>.csv (default bench/results/static/); --quick: three shapes
 at N = 32, one dtype, for the tests.
@@ -49,13 +57,19 @@ from bench_bn import QUICK_SHAPES, RESNET50_SHAPES  # noqa: E402
 
 COLUMNS = ["kernel", "pass", "dtype", "layout", "N", "C", "H", "W", "access_bits",
            "idiv_per_elem", "rcp_per_elem", "regs", "spills", "instr_per_elem", "mbytes",
-           "est_ratio"]
+           "est_ratio", "inflight_kb"]
 PASSES = ["fwd_train", "fwd_eval", "bwd", "bnrelu_fwd_train", "bnrelu_bwd",
           "bnaddrelu_fwd_train", "bnaddrelu_bwd"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LAYOUTS = ["nchw", "nhwc"]  # bench_bn.py's names: the GPU suite joins the two
 # The H100 the estimate models (SXM: DEVELOPERS.md's measured copy bandwidth).
 SMS, CLOCK_HZ, BANDWIDTH, ISSUE_PER_SM = 132, 1.755e9, 3.0e12, 4
+# Its SM's limits on resident programs (the occupancy calculator's): registers (allocated
+# per warp in units of 256), threads, shared memory (1 KB reserved per block), blocks.
+REGS_PER_SM, THREADS_PER_SM, SHARED_PER_SM, BLOCKS_PER_SM = 65536, 2048, 228 * 1024, 32
+# Bytes in flight per SM that hide the memory latency at full bandwidth (Little's law:
+# ~3 TB/s x ~1.4 us over 132 SMs): the issue's bar for a loop that is not pipelined.
+INFLIGHT_KB = 32
 
 
 # ------------------------------------------------------------------ recording launches
@@ -80,7 +94,7 @@ def _record(passes, shapes, batches, dtypes, layouts, backend, variants: dict) -
     import bnkernels
 
     triton_plan.INTERPRETER_TILE = triton_plan.GPU_TILE  # the GPU's plan for CPU tensors
-    triton_plan.INTERPRETER_PROGRAMS = 4 * SMS
+    triton_plan.INTERPRETER_PROGRAMS = triton_plan.PROGRAMS_PER_SM * SMS  # its GPU grid
     triton_launch._REPLAYS.clear()
     launched: list = []
 
@@ -179,7 +193,8 @@ def _compile(arch: int, variant) -> dict:
         usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True,
                                text=True, check=True).stdout
     res = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
-    return {"regs": int(res["REG"]), "spills": int(res.get("LOCAL", 0)), **read_loops(sass)}
+    return {"regs": int(res["REG"]), "spills": int(res.get("LOCAL", 0)),
+            "shared": compiled.metadata.shared, **read_loops(sass)}
 
 
 def _cuobjdump() -> str:
@@ -213,15 +228,27 @@ def read_loops(sass: str) -> dict:
     loops = [_read_ops([op for a, op, _ in code if start <= a <= end])
              for start, end in regions]
     total = _read_ops([op for a, op, _ in code if any(s <= a <= e for s, e in regions)])
-    return {**total, "loops": loops}
+    # once per program: the set-up and the end (the lanes' merge, the stores), padding
+    # and the idle branch after EXIT apart; slow paths that rarely run (a division's
+    # subroutine) are counted too, so this errs high
+    outside = sum(op != "NOP" and not (op.startswith("BRA") and f"0x{a:x}" in rest)
+                  and not any(s <= a <= e for s, e in regions) for a, op, rest in code)
+    return {**total, "outside": outside, "loops": loops}
 
 
 def _read_ops(ops: list) -> dict:
-    widths = [_width(op) for op in ops if op.startswith(("LDG", "STG"))]
+    """A region's instructions: their count, the narrowest global access, integer
+    divisions, other reciprocals, the bytes its global loads take per thread (LDG, and
+    the cp.async copies LDGSTS of a pipelined loop), and how many of those are LDGSTS."""
+    access = [(op.split(".")[0], _width(op)) for op in ops
+              if op.split(".")[0] in ("LDG", "STG", "LDGSTS")]  # (not LDGDEPBAR)
     idiv = sum(op.startswith("I2F") and ".RP" in op for op in ops)
     rcp = sum(op.startswith("MUFU.RCP") for op in ops)
-    return {"loop_instructions": len(ops), "access_bits": min(widths) if widths else 0,
-            "idiv": idiv, "rcp": max(0, rcp - idiv)}
+    return {"loop_instructions": len(ops),
+            "access_bits": min(w for _, w in access) if access else 0,
+            "idiv": idiv, "rcp": max(0, rcp - idiv),
+            "load_bytes": sum(w // 8 for kind, w in access if kind != "STG"),
+            "async_loads": sum(kind == "LDGSTS" for kind, _ in access)}
 
 
 def _width(op: str) -> int:
@@ -256,7 +283,8 @@ def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
         part_numel, splits, part_size = launch.partials
         nbytes = (part_numel + 3 * c) * part_size
         steps = -(-splits // meta.get("BLOCK_S", 1))  # its serial loop over the splits
-        t_work = steps * loop / CLOCK_HZ  # at one instruction per clock
+        # at one instruction per clock, its set-up and end included
+        t_work = (steps * loop + read["outside"]) / CLOCK_HZ
     else:
         nbytes = launch.tensors * numel * esize
         if grouped:  # a channel block's loop instructions: groups, then tail tiles, by split
@@ -271,17 +299,38 @@ def _row_of_launch(launch: Launched, read: dict, numel: int, rows: int, c: int,
                                                         // step) * tail_loop
         else:
             instructions = -(-loop_rows // step) * loop
-        # each iteration's instructions, on every thread that holds a tile's elements
-        warp_instructions = launch.grid[0] * instructions * (tile / per_thread) / 32
+        # each iteration's instructions, on every thread that holds a tile's elements;
+        # and every program's warps' set-up and end (the lanes' merge, the stores)
+        warp_instructions = (launch.grid[0] * instructions * (tile / per_thread) / 32
+                             + launch.grid[0] * launch.grid[1] * threads / 32 * read["outside"])
         t_work = warp_instructions / (ISSUE_PER_SM * SMS * CLOCK_HZ)
     t_floor = nbytes / BANDWIDTH
+    programs = 1
+    for g in launch.grid:
+        programs *= g
+    resident = resident_programs(read["regs"], threads, read["shared"], programs)
+    # a pipelined loop (cp.async, LDGSTS) keeps STAGES - 1 iterations' loads in flight
+    ahead = max(1, meta.get("STAGES", 1) - 1) if hot["async_loads"] else 1
+    inflight = resident * threads * hot["load_bytes"] * ahead / 1024
     return {"kernel": launch.kernel, "access_bits": read["access_bits"],
             "idiv_per_elem": hot["idiv"] / per_iteration,
             "rcp_per_elem": hot["rcp"] / per_iteration,
             "regs": read["regs"], "spills": read["spills"],
             "instr_per_elem": hot["loop_instructions"] / per_iteration,
             "mbytes": nbytes / 1e6, "_time": max(t_floor, t_work), "_floor": t_floor,
-            "est_ratio": max(t_floor, t_work) / t_floor}
+            "est_ratio": max(t_floor, t_work) / t_floor, "inflight_kb": inflight,
+            "_pipelined": hot["async_loads"] > 0}
+
+
+def resident_programs(regs: int, threads: int, shared: int, programs: int) -> int:
+    """Programs of a launch resident on one SM at once: the occupancy limits (registers,
+    threads, shared memory, blocks), and no more than the grid gives each SM."""
+    warps = threads // 32
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = REGS_PER_SM // regs_per_warp // warps
+    by_shared = SHARED_PER_SM // (shared + 1024)
+    return max(1, min(by_regs, THREADS_PER_SM // threads, by_shared, BLOCKS_PER_SM,
+                      -(-programs // SMS)))
 
 
 def _pass_total(rows: list) -> dict:
@@ -291,7 +340,8 @@ def _pass_total(rows: list) -> dict:
             "rcp_per_elem": sum(r["rcp_per_elem"] for r in rows),
             "regs": max(r["regs"] for r in rows), "spills": max(r["spills"] for r in rows),
             "instr_per_elem": sum(r["instr_per_elem"] for r in rows),
-            "mbytes": sum(r["mbytes"] for r in rows), "est_ratio": time / floor}
+            "mbytes": sum(r["mbytes"] for r in rows), "est_ratio": time / floor,
+            "inflight_kb": min(r["inflight_kb"] for r in rows if r["kernel"] != "_merge_kernel")}
 
 
 def run(arch: int, quick: bool, jobs: int) -> list:
@@ -316,6 +366,7 @@ def run(arch: int, quick: bool, jobs: int) -> list:
                                        esize) for launch in launches]
         for row in rows_of_pass + [_pass_total(rows_of_pass)]:
             table.append({**{k: v for k, v in row.items() if not k.startswith("_")},
+                          "_pipelined": row.get("_pipelined", False),
                           "pass": name, "dtype": dtype, "layout": layout, "N": n, "C": c,
                           "H": h, "W": w})
     return table
@@ -333,6 +384,8 @@ def summary(table: list, arch: int) -> str:
     totals = [r for r in table if r["kernel"] == "all"]
     launches = [r for r in table if r["kernel"] != "all"]
     big = [r for r in totals if r["mbytes"] >= 16]
+    large = [r for r in totals if _tensor_mb(r) >= 16]
+    streaming = [r for r in launches if r["kernel"] in ("_reduce_kernel", "_apply_kernel")]
     import common
     lines = [f"# Static check, sm_{arch}: {len(totals)} passes, {len(launches)} launches", "",
              f"Compiled offline (no GPU) by triton {common.triton_version()}, torch "
@@ -344,14 +397,25 @@ def summary(table: list, arch: int) -> str:
              _in_loops([r for r in launches if r["kernel"] != "_merge_kernel"],
                        "rcp_per_elem", "a reciprocal", " (the merge's float64 ones apart)"),
              f"- launches that spill: {sum(r['spills'] > 0 for r in launches)}",
-             f"- passes of 16 MB or more: {len(big)}; estimated above 1.15x the floor: "
-             f"{sum(r['est_ratio'] > 1.15 for r in big)}", "",
-             "Worst ten passes of 16 MB or more by est_ratio:", "",
-             "| pass | dtype | layout | N | C | H | est_ratio |", "| --- " * 7 + "|"]
+             f"- reduce and apply launches with less than {INFLIGHT_KB} KB in flight per SM: "
+             f"{sum(r['inflight_kb'] < INFLIGHT_KB for r in streaming)}; with a pipelined "
+             f"hot loop: {sum(r['_pipelined'] for r in streaming)} of {len(streaming)}",
+             f"- passes over a tensor of 16 MB or more: {len(large)}; estimated above 1.15x "
+             f"the floor: {sum(r['est_ratio'] > 1.15 for r in large)}",
+             f"- passes moving 16 MB or more (the tensor's reads and writes): {len(big)}; "
+             f"estimated above 1.15x the floor: {sum(r['est_ratio'] > 1.15 for r in big)}",
+             "", "Worst ten passes moving 16 MB or more by est_ratio:", "",
+             "| pass | dtype | layout | N | C | H | tensor MB | est_ratio |",
+             "| --- " * 8 + "|"]
     for r in sorted(big, key=lambda r: -r["est_ratio"])[:10]:
         lines.append(f"| {r['pass']} | {r['dtype']} | {r['layout']} | {r['N']} | {r['C']} | "
-                     f"{r['H']} | {r['est_ratio']:.2f} |")
+                     f"{r['H']} | {_tensor_mb(r):.1f} | {r['est_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _tensor_mb(row: dict) -> float:
+    """The MB of the pass's input tensor."""
+    return row["N"] * row["C"] * row["H"] * row["W"] * DTYPES[row["dtype"]].itemsize / 1e6
 
 
 def main(argv=None) -> int:
@@ -378,7 +442,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         for row in table:
             writer.writerow({k: (f"{v:.3g}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
+                             for k, v in row.items() if not k.startswith("_")})
     text = summary(table, args.arch)
     (args.out / f"summary_sm{args.arch}.md").write_text(text)
     print(text + f"{len(table)} rows written to {path}")

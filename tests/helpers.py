@@ -70,11 +70,9 @@ def make_input(shape, dtype, device, layout="contiguous", loc=0.0, scale=1.0, se
     elif layout == "spatial_slice":
         x = rand(shape[0], shape[1], shape[2] + 2, *shape[3:])[:, :, 1:-1]
     elif layout == "expanded":
-        # dense below float64, as before: truly expanded float32 inputs differ from torch's
-        # float32 results by more than TOL in test_gradients_match_torch (which is nearer
-        # float64 is not yet settled); channel blocks read them in place (their own test)
+        # every sample the same: a channel whose spatial size is 1 is constant, where
+        # torch's float32 results are themselves off (assert_as_near_as_torch)
         x = rand(1, *shape[1:]).expand(*shape)
-        x = x if dtype == torch.float64 else x.contiguous()
     elif layout == "stepped":
         x = rand(*shape[:-1], 2 * shape[-1])[..., ::2]
     elif layout == "transposed":
@@ -134,6 +132,22 @@ def assert_close_scaled(actual, expected, tol, msg="", scale=None):
         scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     torch.testing.assert_close(actual.to(torch.float64), expected, atol=atol * scale,
                                rtol=rtol, msg=msg or None)
+
+
+def assert_as_near_as_torch(actual, torch_result, float64_result, tol, msg=""):
+    """actual within tol of torch's result (assert_close_scaled), or, where it is not, at
+    least as near the float64 result as torch's is. Why: on a constant channel (an
+    expanded batch of one spatial value) rstd is 1/sqrt(eps), and torch's float32 mean,
+    a rounding away from the constant, comes out of the normalization 316 times larger:
+    its y is 1e-4 off and its dweight -6e-5 where float64 gives exactly beta and 0."""
+    try:
+        assert_close_scaled(actual, torch_result, tol, msg=msg)
+    except AssertionError:
+        exact = float64_result.to(torch.float64)
+        ours = (actual.to(torch.float64) - exact).abs().max().item()
+        theirs = (torch_result.to(torch.float64) - exact).abs().max().item()
+        if ours > theirs:
+            raise
 
 
 def _forbidden(*args, **kwargs):

@@ -18,12 +18,13 @@ needs_binder = pytest.mark.skipif(not static_check.binder_available(),
                                   reason="static_check drives triton 3.9's binder")
 
 COLUMNS = ("kernel,pass,dtype,layout,N,C,H,W,access_bits,idiv_per_elem,rcp_per_elem,regs,"
-           "spills,instr_per_elem,mbytes,est_ratio").split(",")
+           "spills,instr_per_elem,mbytes,est_ratio,inflight_kb").split(",")
 
 # A made-up kernel: set-up, then a loop (the backward branch at 0x0060 to 0x0020) with a
 # 128-bit load, a 16-bit store, an integer division's I2F.U32.RP + MUFU.RCP and one other
 # MUFU.RCP; the 32-bit load and the MUFU.RCP after the loop are outside it; a second loop
-# (0x0090 to 0x0080) with a 64-bit load; after EXIT, the branch to itself that is no loop.
+# (0x00b0 to 0x0080), pipelined: a 64-bit load, a 128-bit cp.async copy (LDGSTS) and its
+# LDGDEPBAR (no access); after EXIT, the branch to itself that is no loop.
 _SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
@@ -35,18 +36,34 @@ _SASS = """
         /*0060*/              @P1  BRA 0x20 ;
         /*0070*/                   MUFU.RCP R7, R7 ;
         /*0080*/                   LDG.E.64 R10, desc[UR4][R6.64] ;
-        /*0090*/              @P2  BRA 0x80 ;
-        /*00a0*/                   EXIT ;
-        /*00b0*/                   BRA 0xb0 ;
+        /*0090*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*00a0*/                   LDGDEPBAR ;
+        /*00b0*/              @P2  BRA 0x80 ;
+        /*00c0*/                   EXIT ;
+        /*00d0*/                   BRA 0xd0 ;
 """
 
 
 def test_the_loops_are_read_from_the_sass():
     read = static_check.read_loops(_SASS)
-    first = {"loop_instructions": 6, "access_bits": 16, "idiv": 1, "rcp": 1}
-    second = {"loop_instructions": 2, "access_bits": 64, "idiv": 0, "rcp": 0}
-    assert read == {"loop_instructions": 8, "access_bits": 16, "idiv": 1, "rcp": 1,
+    first = {"loop_instructions": 6, "access_bits": 16, "idiv": 1, "rcp": 1,
+             "load_bytes": 16, "async_loads": 0}
+    second = {"loop_instructions": 4, "access_bits": 64, "idiv": 0, "rcp": 0,
+              "load_bytes": 24, "async_loads": 1}
+    # outside the loops: the MOV, the 32-bit load, the MUFU.RCP and EXIT (not the idle
+    # branch after it)
+    assert read == {"loop_instructions": 10, "access_bits": 16, "idiv": 1, "rcp": 1,
+                    "load_bytes": 40, "async_loads": 1, "outside": 4,
                     "loops": [first, second]}
+
+
+def test_programs_resident_per_sm():
+    """The occupancy limits of an H100's SM, as the inflight_kb column counts them."""
+    assert static_check.resident_programs(32, 256, 0, 10_000) == 8  # threads
+    assert static_check.resident_programs(128, 256, 0, 10_000) == 2  # registers
+    assert static_check.resident_programs(255, 256, 0, 10_000) == 1
+    assert static_check.resident_programs(32, 256, 64 * 1024, 10_000) == 3  # shared memory
+    assert static_check.resident_programs(32, 256, 0, 264) == 2  # the grid's own share
 
 
 @needs_binder
@@ -70,6 +87,9 @@ def test_static_check_quick_writes_the_table(tmp_path):
         assert int(r["access_bits"]) == 128  # NCHW 7x7 too: channel blocks (plan.py)
         assert float(r["est_ratio"]) >= 1.0 and float(r["mbytes"]) > 0
         assert int(r["regs"]) > 0 and int(r["spills"]) == 0
+        assert float(r["idiv_per_elem"]) == 0  # NCHW row tiles too: S a constexpr
+        if r["kernel"] in ("_reduce_kernel", "_apply_kernel"):  # (and their pass's "all")
+            assert float(r["inflight_kb"]) >= static_check.INFLIGHT_KB, r
     # every pass has its total row, and an eval forward is one apply launch
     eval_rows = [r for r in rows if r["pass"] == "fwd_eval"]
     assert {r["kernel"] for r in eval_rows} == {"_apply_kernel", "all"}

@@ -13,8 +13,11 @@ its "rows". One kernel per pass, each serving forward and backward (BACKWARD swi
 
 Training forward = reduce + merge + apply (x is read twice, y written once); eval forward
 = apply; backward = reduce + merge + apply with batch statistics, apply alone for the input
-gradient through constant statistics. NCHW and channels_last differ only in a constexpr
-switch (FLAT_ROWS) and the tile shape the launch plan picks.
+gradient through constant statistics. NCHW and channels_last differ only in constexpr
+switches (FLAT_ROWS, CHANNEL_SPAN, S_CONST: NCHW row tiles divide r // S by a constant, a
+multiply-high, where a runtime S costs an integer division per vector) and the tile shape
+the launch plan picks. The reduce and apply loops are software-pipelined, STAGES deep
+(plan.PIPELINE_STAGES).
 
 Fused epilogue (ACTIVATION, HAS_RESIDUAL): forward stores act(z), z = bn(x) + residual,
 from the apply kernel; backward turns dL/dy into dL/dz where it reads it, in both the
@@ -29,122 +32,18 @@ import triton
 import triton.language as tl
 
 from ...activations import GELU, IDENTITY, RELU, SILU
-from .plan import GROUP_TILES
+from .tiles import (_by_channel, _lanes, _load_tile, _out_channels, _program_rows,
+                    _states_by_channel, _tile_mask, _tile_offsets)
+from .welford import _finish_stats, _forward_states, _pool, _welford_combine
 
 # The activation codes, as the constexprs a kernel may read.
 _IDENTITY = tl.constexpr(IDENTITY)
 _RELU = tl.constexpr(RELU)
 _SILU = tl.constexpr(SILU)
 _GELU = tl.constexpr(GELU)
-# Tiles per Welford group update (_group_update takes 4 values per lane).
-_GROUP = tl.constexpr(GROUP_TILES)
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _lanes(C, S, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, CHANNEL_SPAN: tl.constexpr):
-    """This program's lanes: (each lane's channel, which lanes hold one, the lane index).
-
-    Rows (CHANNEL_SPAN == 0): a [BLOCK_C, BLOCK_R] tile, a lane per (channel, row) of the
-    tile; the channels are a [BLOCK_C, 1] column, the lanes' index a [1, BLOCK_R] row.
-    Channel blocks (CHANNEL_SPAN = BLOCK_C * S > 0, NCHW with small S): lanes j over the
-    BLOCK_C channels' contiguous S values of one sample, lane j holding channel
-    c0 + j // S for every sample (the division once per program, never per element);
-    channels and lanes both [1, BLOCK_R]. BLOCK_C divides C: every lane below CHANNEL_SPAN
-    holds a channel, so that the lane mask is a constant the compiler can vectorise over."""
-    lane = tl.arange(0, BLOCK_R)[None, :]
-    if CHANNEL_SPAN > 0:
-        channel = tl.program_id(0) * BLOCK_C + lane // S
-        holds = lane < CHANNEL_SPAN
-    else:
-        channel = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
-        holds = channel < C
-    return channel, holds, lane
-
-
-@triton.jit
-def _tile_offsets(start, lane, channel, S, sN, sC, sS, FLAT_ROWS: tl.constexpr,
-                  CHANNEL_SPAN: tl.constexpr, INDEX_64: tl.constexpr):
-    """Offsets of the tile at start (_lanes): rows r = start + lane, r = n*S + s, of the
-    channels; or (CHANNEL_SPAN) sample n = start of the channel block, whose BLOCK_C * S
-    values are contiguous in every tensor of the launch (sC == S, sS == 1: plan.py)."""
-    if CHANNEL_SPAN > 0:
-        n = start
-        block = tl.program_id(0) * CHANNEL_SPAN  # (a constexpr multiple: aligned vectors)
-        if INDEX_64:
-            n = n.to(tl.int64)
-            block = block.to(tl.int64)
-        offsets = n * sN + block + lane
-    else:
-        r = start + lane
-        if INDEX_64:
-            r = r.to(tl.int64)
-            channel = channel.to(tl.int64)
-        if FLAT_ROWS:
-            row_offsets = r * sS  # sS is the row stride here (layout.kernel_layout)
-        else:
-            n = r // S
-            row_offsets = n * sN + (r - n * S) * sS
-        offsets = channel * sC + row_offsets
-    return offsets
-
-
-@triton.jit
-def _rows_held(start, lane, row_end, CHANNEL_SPAN: tl.constexpr):
-    """[1, BLOCK_R]: which lanes of the tile at start hold a row before row_end (channel
-    blocks: a sample, before row_end in the loop's own bound, so every lane)."""
-    if CHANNEL_SPAN > 0:
-        held = (lane * 0 + start) < row_end
-    else:
-        held = (start + lane) < row_end
-    return held
-
-
-@triton.jit
-def _tile_mask(start, lane, holds, row_end, CHANNEL_SPAN: tl.constexpr):
-    """The lanes of the tile at start to load and store: channel blocks, the lanes that hold
-    a channel (the loop's bound keeps the samples in range); rows, those with a row too."""
-    if CHANNEL_SPAN > 0:
-        mask = holds
-    else:
-        mask = holds & ((start + lane) < row_end)
-    return mask
-
-
-@triton.jit
-def _out_channels(C, BLOCK_C: tl.constexpr, SEG_C: tl.constexpr, CHANNEL_SPAN: tl.constexpr):
-    """The channels of this program's per-channel results ([BLOCK_C], or channel blocks'
-    [SEG_C], SEG_C = BLOCK_C rounded up to a power of two) and which are real."""
-    if CHANNEL_SPAN > 0:
-        local = tl.arange(0, SEG_C)
-        c = tl.program_id(0) * BLOCK_C + local
-        real = (local < BLOCK_C) & (c < C)
-    else:
-        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        real = c < C
-    return c, real
-
-
-@triton.jit
-def _by_channel(t, S, fill, SEG_C: tl.constexpr, SEG_S: tl.constexpr,
-                CHANNEL_SPAN: tl.constexpr):
-    """Lane values with one row per channel, to reduce along axis 1 (_merge_lanes, tl.sum):
-    rows' tiles as they are; channel blocks' [1, BLOCK_R] lanes gathered into
-    [SEG_C, SEG_S] (lane c*S + s at (c, s); fill where s >= S or past the block). Once
-    per program, after its loop."""
-    if CHANNEL_SPAN > 0:
-        c = tl.arange(0, SEG_C)[:, None]
-        s = tl.arange(0, SEG_S)[None, :]
-        j = c * S + s
-        real = (s < S) & (j < CHANNEL_SPAN)
-        index = tl.reshape(tl.where(real, j, 0), [SEG_C * SEG_S])
-        lanes = tl.gather(tl.reshape(t, [t.shape[1]]), index, 0)
-        out = tl.where(real, tl.reshape(lanes, [SEG_C, SEG_S]), fill)
-    else:
-        out = t
-    return out
 
 
 @triton.jit
@@ -259,91 +158,6 @@ def _epilogue_grad(g, x, mean, scale, shift, res_ptr, res_offsets, y_ptr, y_offs
 
 
 @triton.jit
-def _program_rows(R, rows_per_split):
-    """This program's rows [row0, row_end) (split program_id(1)): channel blocks' rows are
-    samples."""
-    row0 = tl.program_id(1) * rows_per_split
-    return row0, tl.minimum(row0 + rows_per_split, R)
-
-
-@triton.jit
-def _welford_combine(k_a, mean_a, var_a, n_a, sum_a, k_b, mean_b, var_b, n_b, sum_b):
-    """Chan, Golub & LeVeque, on partials (K, mean, var, n, sum) whose mean is that of
-    x - K and var the biased variance (var, not M2 = n * var: for |x| near 1e19, M2
-    overflows float32 where var does not). The result keeps a's shift:
-        d = (K_b - K_a) + (mean_b - mean_a),  w_b = n_b / n
-        mean = mean_a + d * w_b,  var = w_a * var_a + w_b * var_b + (d * w_a) * (d * w_b)
-    An empty partial (n == 0: masked lanes) is skipped by selection, never multiplied by
-    its zero weight (inf * 0 would be NaN)."""
-    n = n_a + n_b
-    w_b = n_b / tl.where(n == 0, 1.0, n)
-    w_a = 1.0 - w_b
-    d = (k_b - k_a) + (mean_b - mean_a)
-    # The merged mean relative to K_a or to K_b: keep the smaller, so that a shift that
-    # is an outlier (one lane's first value) does not become every later merge's shift.
-    mean_ka = mean_a + d * w_b
-    mean_kb = mean_b - d * w_a
-    take_kb = tl.abs(mean_kb) < tl.abs(mean_ka)
-    mean = tl.where(take_kb, mean_kb, mean_ka)
-    var = w_a * var_a + w_b * var_b + (d * w_a) * (d * w_b)
-    a_empty = n_a == 0
-    b_empty = n_b == 0
-    k = tl.where(a_empty | (take_kb & ~b_empty), k_b, k_a)
-    mean = tl.where(a_empty, mean_b, tl.where(b_empty, mean_a, mean))
-    var = tl.where(a_empty, var_b, tl.where(b_empty, var_a, var))
-    return k, mean, var, n, sum_a + sum_b
-
-
-@triton.jit
-def _pairs(t):
-    """A [C, 2m] tile as its even and odd columns, two [C, m] tiles."""
-    return tl.split(tl.reshape(t, [t.shape[0], t.shape[1] // 2, 2]))
-
-
-@triton.jit
-def _merge_lanes(k, mean, var, n, total):
-    """The lanes' partials (each [BLOCK_C, BLOCK_R]) merged into one per channel ([BLOCK_C]
-    K, mean, var, sum) by _welford_combine, pairwise: lane 2i with lane 2i+1, then again,
-    log2(BLOCK_R) rounds. Why not tl.reduce with _welford_combine: the same tree on
-    a GPU, but triton's interpreter runs a custom combine once per element in Python, which
-    made a 65k-element channel take a minute there; these rounds are whole-tile operations."""
-    tl.static_assert(k.shape[1] <= 65536)
-    for _ in tl.static_range(16):
-        if k.shape[1] > 1:  # shapes are compile-time constants: this unrolls
-            k_a, k_b = _pairs(k)
-            mean_a, mean_b = _pairs(mean)
-            var_a, var_b = _pairs(var)
-            n_a, n_b = _pairs(n)
-            sum_a, sum_b = _pairs(total)
-            k, mean, var, n, total = _welford_combine(k_a, mean_a, var_a, n_a, sum_a,
-                                                      k_b, mean_b, var_b, n_b, sum_b)
-    # (shapes inline: the interpreter turns a shape held in a variable into a tensor)
-    return (tl.reshape(k, [k.shape[0]]), tl.reshape(mean, [k.shape[0]]),
-            tl.reshape(var, [k.shape[0]]), tl.reshape(total, [k.shape[0]]))
-
-
-@triton.jit
-def _two_sum(a, b):
-    """(a + b rounded, the exact rounding error of that sum): Knuth's TwoSum (no product,
-    so no FMA contraction can change it). The statistics loop keeps the running mean
-    K + mean, and the variance with its error, to twice the working precision with it."""
-    s = a + b
-    b_part = s - a
-    err = (a - (s - b_part)) + (b - b_part)
-    return s, err
-
-
-@triton.jit
-def _finish_stats(k, mean, var, total, n):
-    """The channel's (mean, var) from a merged partial: K + mean, or, where that is not
-    finite (an inf or NaN in x: Welford's running mean turns inf into NaN), the plain
-    mean sum / n, which carries torch's inf (one sign) or NaN (both)."""
-    shifted = k + mean
-    finite = tl.abs(shifted) < float("inf")
-    return tl.where(finite, shifted, total / n), var
-
-
-@triton.jit
 def _lerp(a, b, w):
     """torch.lerp's formula (a + w * (b - a), or from b's side for |w| >= 0.5), so that the
     running statistics are those torch's update would give."""
@@ -384,43 +198,6 @@ def _store_batch_stats(c, c_mask, k, mean, var, total, n, eps, R,
 
 
 @triton.jit
-def _load_tile(ptr, start, lane, channel, mask, S, sN, sC, sS, FLAT_ROWS: tl.constexpr,
-               CHANNEL_SPAN: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr):
-    offsets = _tile_offsets(start, lane, channel, S, sN, sC, sS, FLAT_ROWS, CHANNEL_SPAN,
-                            INDEX_64)
-    return tl.load(ptr + offsets, mask=mask, other=0.0).to(ACC)
-
-
-@triton.jit
-def _group_update(x0, x1, x2, x3, k, mean, var, var_err, w):
-    """One lane's Welford state (K + mean, var + var_err over n values) after 4 more
-    values, w = 4 / (n + 4): Chan's combine with the group's own mean and variance, taken
-    exactly from its 4 values (shifted by K, as the one-value update shifts),
-        v_i = x_i - K;  m = mean(v);  q = mean((v_i - m)^2) = sum(((v_i - m) / 2)^2)
-        d = m - mean;  mean += d * w
-        var += (w * q + (d * w) * (m - mean) - var * w), summed with its error
-        (K, mean) = (K + mean, its rounding error)
-    Why: the one-value update costs ~35 instructions per value, which left the bfloat16
-    forward reduction issue-bound (bench/static_check.py); this is ~14. Its terms are
-    bounded as the one-value update's are (q and (d*w)*(m - mean) by a squared half-range),
-    and a non-finite sum takes the same plain update."""
-    v0, v1, v2, v3 = x0 - k, x1 - k, x2 - k, x3 - k
-    m = ((v0 + v1) + (v2 + v3)) * 0.25
-    h0, h1, h2, h3 = (v0 - m) * 0.5, (v1 - m) * 0.5, (v2 - m) * 0.5, (v3 - m) * 0.5
-    q = (h0 * h0 + h1 * h1) + (h2 * h2 + h3 * h3)
-    d = m - mean
-    dw = d * w
-    mean += dw
-    t = w * q + dw * (m - mean)
-    var_sum, err = _two_sum(var, (t - var * w) + var_err)
-    summed = tl.abs(var_sum) < float("inf")  # as the one-value update (_reduce_kernel)
-    var_err = tl.where(summed, err, 0.0)
-    var = tl.where(summed, var_sum, var * (1.0 - w) + t)
-    k, mean = _two_sum(k, mean)
-    return k, mean, var, var_err
-
-
-@triton.jit
 def _reduce_kernel(
     x_ptr, g_ptr, res_ptr, y_ptr, mean_ptr, rstd_or_var_ptr, weight_ptr, bias_ptr, part_ptr,
     out0_ptr, out1_ptr, out2_ptr, dbias_ptr, dweight_ptr, rm_ptr, rv_ptr, nbt_ptr,
@@ -433,31 +210,31 @@ def _reduce_kernel(
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_FROM_Y: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr, CHANNEL_SPAN: tl.constexpr,
+    S_CONST: tl.constexpr, STAGES: tl.constexpr,
     ROW_STEP: tl.constexpr, SEG_C: tl.constexpr, SEG_S: tl.constexpr,
+    VEC: tl.constexpr, PARTS: tl.constexpr, SEG_P: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
     """Per-channel partial reductions over this program's rows [row0, row_end).
 
-    Forward, one-pass Welford per lane (never E[x^2] - E[x]^2), in variance form, with the
-    lane's running mean held as an unevaluated sum K + mean, and the variance as var + e,
-    both kept with _two_sum:
-        n += 1;  v = x - K;  d = v - mean;  mean += d / n
-        t = (d / n) * (v - mean);  (var, e) = var + ((t - var / n) + e), with its rounding error
-        (where that sum is not finite: var = var * (1 - 1/n) + t, e = 0)
+    Forward, one pass of Welford's update (never E[x^2] - E[x]^2) in states of VEC lanes
+    (welford.py: _forward_states), each with its running mean held as an unevaluated sum
+    K + mean and its variance as var + e, both kept with _two_sum, per step of 4 * VEC
+    values of mean m and variance q (of x - K) that are a share w of its values:
+        d = m - mean;  mean += d * w
+        (var, e) = var + ((w * q + (d * w) * (m - mean) - var * w) + e), with its error
+        (where that sum is not finite: var = var * (1 - w) + t, e = 0)
         (K, mean) = (K + mean, its rounding error)
-    and the plain sum of x beside it (_finish_stats). The lanes are then merged with
-    _merge_lanes. Why: a float32 running mean near 1e4 moves in steps of 1e-3, which
+    and the plain sum of x beside it (_finish_stats). The states are then pooled in
+    float64 (_pool). Why: a float32 running mean near 1e4 moves in steps of 1e-3, which
     cost x = 1e4 + randn its variance's precision; a fixed shift (the channel's first
     value, say) fixes that only while the shift is not itself an outlier. Re-centred
     every step, K is always the running mean, wherever the outliers are. The variance's
     steps are small against it (about var / n), and rounded sums of them drift by
     ~sqrt(n) ulps: after an outlier, 4096 values of one lane left var 1e-5 off in
     float32 (var * (1 - 1/n) + ..., as M2 += ...); summed with its error, 7e-8. The
-    update's product (d / n) * (v - mean) is at most d^2 / 4: no overflow for |x| below
-    ~1.8e19, and past that an inf, never an inf - inf.
-    While whole groups of _GROUP tiles are left, each lane takes 4 values per step
-    (_group_update: ~15 instructions per value, not ~35) from an origin K that starts at
-    its first value; the tiles after the last group take the one-value update above.
+    step's terms are bounded by a squared half-range: no overflow for |x| below ~1.8e19,
+    and past that an inf, never an inf - inf.
     Backward, with xhat = (x - mean) * rstd and g the gradient reaching the BN output
     (dL/dy, or through a fused activation g * act'(z): _epilogue_grad):
         a = sum g (= dbeta),  b = sum g * xhat (= dgamma)
@@ -466,6 +243,8 @@ def _reduce_kernel(
     merge kernel's outputs instead, written here (out0..2, dbias and dweight, and the
     running statistics).
     """
+    if S_CONST > 0:  # row tiles of NCHW: r // S by a constant (plan.py)
+        S = S_CONST
     channel, holds, lane = _lanes(C, S, BLOCK_C, BLOCK_R, CHANNEL_SPAN)
     row0, row_end = _program_rows(R, rows_per_split)
     c, c_mask = _out_channels(C, BLOCK_C, SEG_C, CHANNEL_SPAN)
@@ -475,21 +254,16 @@ def _reduce_kernel(
     if CHANNEL_SPAN > 0:
         values = R * S
 
-    a = tl.zeros([channel.shape[0], BLOCK_R], ACC)
-    b = tl.zeros([channel.shape[0], BLOCK_R], ACC)
     if BACKWARD:
+        a = tl.zeros([channel.shape[0], BLOCK_R], ACC)
+        b = tl.zeros([channel.shape[0], BLOCK_R], ACC)
         mean, rstd = _channel_stats(mean_ptr, rstd_or_var_ptr, channel, holds, eps, smC, ssC,
                                     FROM_VAR, ACC)
         scale, shift = _affine(weight_ptr, bias_ptr, rstd, channel, holds, swC, sbC,
                                HAS_WEIGHT, HAS_BIAS, ACC)
         z_mean, shift = _z_mean_shift(mean, scale, shift)
-    else:  # (K, the lanes' origin, starts at their first values: below)
-        b_err = tl.zeros([channel.shape[0], BLOCK_R], ACC)
-        total = tl.zeros([channel.shape[0], BLOCK_R], ACC)
-        count = tl.zeros([1, BLOCK_R], ACC)
-        steps = tl.zeros([1, 1], ACC)  # the tiles this program has read
     if BACKWARD:
-        for start in range(row0, row_end, ROW_STEP):
+        for start in tl.range(row0, row_end, ROW_STEP, num_stages=STAGES):
             mask = _tile_mask(start, lane, holds, row_end, CHANNEL_SPAN)
             x = _load_tile(x_ptr, start, lane, channel, mask, S, sxN, sxC, sxS, FLAT_ROWS,
                            CHANNEL_SPAN, INDEX_64, ACC)
@@ -505,55 +279,10 @@ def _reduce_kernel(
             a += g
             b += g * ((x - mean) * rstd)
     else:
-        # Whole groups of _GROUP tiles first: every lane active (no row mask), and one
-        # update per _GROUP values (_group_update); then the tail, one tile at a time.
-        group_rows = _GROUP * ROW_STEP
-        group_end = row0 + (row_end - row0) // group_rows * group_rows
-        lanes = tl.broadcast_to(holds, [channel.shape[0], BLOCK_R])
-        # The shift starts at each lane's first value (0 for a lane without rows), so that
-        # the first group's x - K is exact too (Sterbenz): from K = 0, the group's mean
-        # of x = 1e4 + randn would round at 1e4's scale, and that error would reach the
-        # variance through every later combine. (The one-value update makes K its first
-        # value itself: this changes nothing there.)
-        k = _load_tile(x_ptr, row0, lane, channel,
-                       lanes & _rows_held(row0, lane, row_end, CHANNEL_SPAN), S, sxN, sxC,
-                       sxS, FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ACC)
-        for start in range(row0, group_end, group_rows):
-            x0 = _load_tile(x_ptr, start, lane, channel, lanes, S, sxN, sxC, sxS, FLAT_ROWS,
-                            CHANNEL_SPAN, INDEX_64, ACC)
-            x1 = _load_tile(x_ptr, start + ROW_STEP, lane, channel, lanes, S, sxN, sxC, sxS,
-                            FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ACC)
-            x2 = _load_tile(x_ptr, start + 2 * ROW_STEP, lane, channel, lanes, S, sxN, sxC,
-                            sxS, FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ACC)
-            x3 = _load_tile(x_ptr, start + 3 * ROW_STEP, lane, channel, lanes, S, sxN, sxC,
-                            sxS, FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ACC)
-            total += (x0 + x1) + (x2 + x3)
-            count += _GROUP
-            steps += _GROUP
-            k, a, b, b_err = _group_update(x0, x1, x2, x3, k, a, b, b_err, _GROUP / steps)
-        for start in range(group_end, row_end, ROW_STEP):
-            r_mask = _rows_held(start, lane, row_end, CHANNEL_SPAN)
-            mask = _tile_mask(start, lane, holds, row_end, CHANNEL_SPAN)
-            x = _load_tile(x_ptr, start, lane, channel, mask, S, sxN, sxC, sxS, FLAT_ROWS,
-                           CHANNEL_SPAN, INDEX_64, ACC)
-            v = x - k
-            total += x
-            count += r_mask.to(ACC)
-            # 1 / count, one division per tile: a lane active in this tile was active in
-            # every earlier one (rows only run out), so its count is the tile's number;
-            # an inactive lane's update is masked out below
-            steps += 1.0
-            inv = 1.0 / steps
-            delta = v - a
-            a += tl.where(r_mask, delta * inv, 0.0)
-            t = (delta * inv) * (v - a)
-            var_sum, var_err = _two_sum(b, (t - b * inv) + b_err)
-            # not finite: an overflow (|x| near 1e19) or a NaN: the plain update, in which
-            # inf stays inf and NaN stays NaN (the compensation would make both NaN)
-            summed = tl.abs(var_sum) < float("inf")
-            b_err = tl.where(r_mask, tl.where(summed, var_err, 0.0), b_err)
-            b = tl.where(r_mask, tl.where(summed, var_sum, b * (1.0 - inv) + t), b)
-            k, a = _two_sum(k, a)
+        (k_a, mean_a, var_a, err_a, n_a, total_a,
+         k_b, mean_b, var_b, err_b, n_b, total_b) = _forward_states(
+            x_ptr, row0, row_end, lane, channel, holds, S, sxN, sxC, sxS, channel.shape[0],
+            FLAT_ROWS, CHANNEL_SPAN, INDEX_64, ROW_STEP, VEC, PARTS, STAGES, ACC)
 
     if BACKWARD:
         sum_g = tl.sum(_by_channel(a, S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN), axis=1)
@@ -565,24 +294,38 @@ def _reduce_kernel(
             tl.store(part_ptr + split * C + c, sum_g, mask=c_mask)
             tl.store(part_ptr + (num_splits + split) * C + c, sum_gx, mask=c_mask)
     else:
-        counts = tl.broadcast_to(count, [channel.shape[0], BLOCK_R]).to(tl.float64)
-        # The lanes merge in float64 (once per program, not per element): their shifts
-        # differ by up to the data's range, and float32 merges would round at its scale.
+        # The states pool in float64 (once per program, not per element): their origins
+        # differ by up to the data's range, and float32 would round at its scale. Their
+        # 32-bit values are gathered by channel first (channel blocks), half the bytes.
         f64 = tl.float64
-        out_k, out_mean, out_var, out_sum = _merge_lanes(
-            _by_channel(k.to(f64), S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN),
-            _by_channel(a.to(f64), S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN),
-            _by_channel(b.to(f64) + b_err.to(f64), S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN),
-            _by_channel(counts, S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN),
-            _by_channel(total.to(f64), S, 0.0, SEG_C, SEG_S, CHANNEL_SPAN))
+        taken = row_end - row0  # rows, or (channel blocks) samples: every channel's
+        taken_values = taken
+        if CHANNEL_SPAN > 0:
+            taken_values = taken * S
+        out_mean, out_var = _pool(
+            _states_by_channel(k_a, k_b, S, VEC, SEG_C, SEG_P, PARTS, CHANNEL_SPAN).to(f64),
+            _states_by_channel(mean_a, mean_b, S, VEC, SEG_C, SEG_P, PARTS,
+                               CHANNEL_SPAN).to(f64),
+            _states_by_channel(var_a, var_b, S, VEC, SEG_C, SEG_P, PARTS,
+                               CHANNEL_SPAN).to(f64)
+            + _states_by_channel(err_a, err_b, S, VEC, SEG_C, SEG_P, PARTS,
+                                 CHANNEL_SPAN).to(f64),
+            _states_by_channel(n_a, n_b, S, VEC, SEG_C, SEG_P, PARTS, CHANNEL_SPAN).to(f64),
+            tl.zeros_like(c).to(f64) + taken_values.to(f64))
+        # the plain sum only serves a non-finite mean (_finish_stats): float32 will do
+        out_sum = tl.sum(_states_by_channel(total_a, total_b, S, VEC, SEG_C, SEG_P, PARTS,
+                                            CHANNEL_SPAN), axis=1)
         if FINAL:
-            _store_batch_stats(c, c_mask, out_k, out_mean, out_var, out_sum,
-                               tl.cast(values, f64), eps, values, out0_ptr, out1_ptr,
-                               out2_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum_hi, momentum_lo,
-                               srmC, srvC, UPDATE_RUNNING, CUMULATIVE, ACC)
+            _store_batch_stats(c, c_mask, out_mean, tl.zeros_like(out_mean), out_var,
+                               out_sum, tl.cast(values, f64), eps, values, out0_ptr,
+                               out1_ptr, out2_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum_hi,
+                               momentum_lo, srmC, srvC, UPDATE_RUNNING, CUMULATIVE, ACC)
         else:
+            # the mean as K + mean, two ACC values (float32: the float64 mean to ~48 bits)
+            out_k = out_mean.to(ACC)
             tl.store(part_ptr + split * C + c, out_k, mask=c_mask)
-            tl.store(part_ptr + (num_splits + split) * C + c, out_mean, mask=c_mask)
+            tl.store(part_ptr + (num_splits + split) * C + c, out_mean - out_k.to(f64),
+                     mask=c_mask)
             tl.store(part_ptr + (2 * num_splits + split) * C + c, out_var, mask=c_mask)
             tl.store(part_ptr + (3 * num_splits + split) * C + c, out_sum, mask=c_mask)
 
@@ -610,19 +353,19 @@ def _merge_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     """Merges the splits of _reduce_kernel, in a fixed order (bitwise reproducible): steps
-    of BLOCK_S splits, one after another, each step's splits merged as a tree.
+    of BLOCK_S splits, one after another.
 
-    Forward: _welford_combine over the splits' (K, mean, var, sum), split k holding
-    n_k = min(rows_per_split, R - k*rows_per_split) rows (every earlier split is full): a
-    step's [BLOCK_C, BLOCK_S] tile by _merge_lanes (pairwise, log2(BLOCK_S) rounds), then
-    into the running result; then out0 = mean (_finish_stats), out1 = rstd =
-    1/sqrt(var + eps), out2 = var (biased), and (UPDATE_RUNNING) the running statistics
-    (_store_batch_stats). In float64, as the lanes' merge in _reduce_kernel. A split past
-    the last (a step's padding) holds n = 0: _welford_combine skips it.
+    Forward: the splits' (K, mean, var, sum), split k holding n_k = min(rows_per_split,
+    R - k*rows_per_split) rows (every earlier split is full): a step's [BLOCK_C, BLOCK_S]
+    tile pooled (_pool), then folded into the running result (_welford_combine, once per
+    step); then out0 = mean (_finish_stats), out1 = rstd = 1/sqrt(var + eps), out2 = var
+    (biased), and (UPDATE_RUNNING) the running statistics (_store_batch_stats). In
+    float64, as the lanes' pooling in _reduce_kernel. A split past the last (a step's
+    padding) holds n = 0: _pool leaves it out.
     Backward: out0 = sum g (dbeta), out1 = sum g*xhat (dgamma), each step's tile summed
     (and rounded into dbias, dweight: _store_grad_sums).
-    Why steps of a tree, not one split after another: the merge is a serial chain, and
-    528 splits (C = 64 at 112x112 over an H100) made 528 dependent steps.
+    Why steps, not one split after another: the merge is a serial chain, and 528 splits
+    (C = 64 at 112x112 over an H100) made 528 dependent steps; 256 splits a step make 3.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -646,14 +389,18 @@ def _merge_kernel(
             rows_before = tl.cast(j, tl.int64) * rows_per_split
             n_j = tl.where(j < num_splits, tl.minimum(rows_per_split, R - rows_before), 0)
             n_tile = tl.zeros([BLOCK_C, BLOCK_S], f64) + n_j.to(f64)[None, :]
-            k_s, mean_s, var_s, total_s = _merge_lanes(
+            n_s = tl.sum(n_tile, axis=1)
+            mean_s, var_s = _pool(
                 tl.load(part_ptr + offsets, mask=mask, other=0.0).to(f64),
                 tl.load(part_ptr + num_splits * C + offsets, mask=mask, other=0.0).to(f64),
                 tl.load(part_ptr + 2 * num_splits * C + offsets, mask=mask, other=0.0).to(f64),
-                n_tile,
-                tl.load(part_ptr + 3 * num_splits * C + offsets, mask=mask, other=0.0).to(f64))
-            k, mean, var, n, total = _welford_combine(k, mean, var, n, total, k_s, mean_s,
-                                                      var_s, tl.sum(n_tile, axis=1), total_s)
+                n_tile, n_s)
+            total_s = tl.sum(
+                tl.load(part_ptr + 3 * num_splits * C + offsets, mask=mask, other=0.0).to(f64),
+                axis=1)
+            k, mean, var, n, total = _welford_combine(k, mean, var, n, total, mean_s,
+                                                      tl.zeros_like(mean_s), var_s, n_s,
+                                                      total_s)
     if BACKWARD:
         _store_grad_sums(c, c_mask, a, b, out0_ptr, out1_ptr, dbias_ptr, dweight_ptr,
                          HAS_DBIAS, HAS_DWEIGHT)
@@ -676,6 +423,7 @@ def _apply_kernel(
     HAS_DRES: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     FLAT_ROWS: tl.constexpr, INDEX_64: tl.constexpr, CHANNEL_SPAN: tl.constexpr,
+    S_CONST: tl.constexpr, STAGES: tl.constexpr,
     ROW_STEP: tl.constexpr, SEG_C: tl.constexpr, SEG_S: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -694,6 +442,8 @@ def _apply_kernel(
     after the launch that read it (_store_batch_stats), so no launch reads a half-updated
     counter.
     """
+    if S_CONST > 0:  # row tiles of NCHW: r // S by a constant (plan.py)
+        S = S_CONST
     channel, holds, lane = _lanes(C, S, BLOCK_C, BLOCK_R, CHANNEL_SPAN)
     row0, row_end = _program_rows(R, rows_per_split)
     if COUNT_BATCH:
@@ -714,7 +464,7 @@ def _apply_kernel(
             mean_g = tl.load(sum_g_ptr + channel, mask=holds, other=0.0) / m
             mean_gx = tl.load(sum_gx_ptr + channel, mask=holds, other=0.0) / m
 
-    for start in range(row0, row_end, ROW_STEP):
+    for start in tl.range(row0, row_end, ROW_STEP, num_stages=STAGES):
         mask = _tile_mask(start, lane, holds, row_end, CHANNEL_SPAN)
         res_offsets = _tile_offsets(start, lane, channel, S, srN, srC, srS, FLAT_ROWS,
                                     CHANNEL_SPAN, INDEX_64)

@@ -20,7 +20,7 @@ from ..contract import (BackwardCall, ForwardCall, GradSums, Normalizer, Running
 from .kernels import _apply_kernel, _merge_kernel, _reduce_kernel
 from . import plan as plan_module
 from .plan import (KernelLayout, LaunchPlan, channel_block_plan, channel_blocks_fit,
-                   kernel_layout, launch_plan, merge_tile)
+                   kernel_layout, launch_plan, merge_tile, state_vectors)
 from .replay import REPLAYS_MAX, Recording, slot_key
 
 _GL = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -147,6 +147,8 @@ class _Shape(NamedTuple):
     element_strides: Tuple[int, ...]  # every role's (sN, sC, sS), in _ROLES order
     grid: Tuple[int, int]
     base_meta: Tuple[Tuple[str, object], ...]  # the constexprs the layout and plan set
+    state_meta: Tuple[Tuple[str, object], ...]  # the forward reduce's own: tile, states
+    reduce_meta: Tuple[Tuple[str, object], ...]  # the backward reduce's
 
 
 _SHAPES: dict = {}
@@ -157,7 +159,7 @@ def _planning() -> tuple:
     """What planning depends on beside the tensors: plan.py's settings and the planners
     themselves (the tests replace them): part of every cache key of plans and replays."""
     return (plan_module.settings(), launch_plan, kernel_layout, channel_block_plan,
-            channel_blocks_fit)
+            channel_blocks_fit, state_vectors)
 
 
 def _shape_of(x: torch.Tensor, named: dict) -> _Shape:
@@ -184,11 +186,23 @@ def _plan_shape(x: torch.Tensor, named: dict) -> _Shape:
     base_meta = (("FLAT_ROWS", layout.flat_rows), ("INDEX_64", layout.index_64),
                  ("CHANNEL_SPAN", plan.channel_span),
                  ("ROW_STEP", 1 if plan.channel_span else plan.block_r),
+                 ("S_CONST", 0 if layout.flat_rows or plan.channel_span else s),
+                 ("STAGES", plan_module.APPLY_STAGES if acc == torch.float32 else 1),
                  ("SEG_C", plan.seg_c), ("SEG_S", plan.seg_s),
                  ("BLOCK_C", plan.block_c), ("BLOCK_R", plan.block_r), ("ACC", _GL[acc]),
                  ("num_warps", plan.num_warps))
+    vec, parts, seg_p = state_vectors(plan, x.element_size(), s, channels_fast,
+                                      layout.strides[0][2], layout.flat_rows)
+    reduce_rows, reduce_warps = plan.reduce_tile()
+    reduce_meta = (("VEC", vec), ("PARTS", parts), ("SEG_P", seg_p),
+                   ("STAGES", plan_module.REDUCE_STAGES if acc == torch.float32 else 1),
+                   ("num_warps", reduce_warps))
+    # the forward's own tile (its states' pooling grows with it); the backward's loads
+    # keep the plan's, two tensors a tile
+    state_meta = (("BLOCK_R", reduce_rows),
+                  ("ROW_STEP", 1 if plan.channel_span else reduce_rows)) + reduce_meta
     return _Shape(n, c, s, acc, plan, layout, element_strides, (plan.c_blocks, plan.splits),
-                  base_meta)
+                  base_meta, state_meta, reduce_meta)
 
 
 class Launch:
@@ -211,6 +225,7 @@ class Launch:
         self.split_values = self.plan.rows_per_split * (self.s if blocks else 1)
         self.element_strides = shape.element_strides
         self._base_meta = shape.base_meta
+        self._reduce_meta = (shape.reduce_meta, shape.state_meta)  # backward, forward
         self.x = x
         self.tensors = named
         self.recording = recording
@@ -271,14 +286,15 @@ class Launch:
                 *_channel_strides(mean, spread, weight, bias), *running.strides,
                 **self.meta(activation, weight, bias, BACKWARD=backward,
                             FROM_VAR=backward and stats.var is not None, FINAL=final,
-                            **switches))
+                            **dict(self._reduce_meta[not backward]), **switches))
         if final:
             return
-        block_c, block_s = merge_tile(self.c, plan.splits)
+        block_c, block_s, warps = merge_tile(self.c, plan.splits)
         self.launch(_merge_kernel, (triton.cdiv(self.c, block_c),), part, outs[0], outs[1],
                     out2, *grads, *running.pointers, self.c, self.rows, self.split_values,
                     plan.splits, eps, *running.momentum, *running.strides, BACKWARD=backward,
-                    BLOCK_C=block_c, BLOCK_S=block_s, ACC=_GL[self.acc], **switches)
+                    BLOCK_C=block_c, BLOCK_S=block_s, ACC=_GL[self.acc], num_warps=warps,
+                    **switches)
 
     def apply(self, eps: float, stats: Normalizer, weight, bias, *, backward: bool,
               batch_stats: bool = False, activation: int = 0, sums=None, count=None,

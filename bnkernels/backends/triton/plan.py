@@ -34,15 +34,33 @@ MERGE_TILE = 1024
 GROUP_TILES = 4
 MERGE_BLOCK_S = 256
 MERGE_BLOCK_C = 256
+# The reduce and apply kernels' loops are software-pipelined (tl.range's num_stages: the
+# loads of the next stages - 1 iterations go out as cp.async copies into shared memory
+# while this one computes), REDUCE_STAGES and APPLY_STAGES deep. Why: a program's loads
+# of one iteration are 4-16 KB, and the few programs an SM holds left 16 KB in flight per
+# SM, where ~32 KB hide the memory latency at full bandwidth (bench/static_check.py's
+# inflight_kb). The apply's iterations load the least (one tile), so it looks furthest
+# ahead. float64 inputs are not pipelined (1): their stages would take 128 KB of shared
+# memory.
+REDUCE_STAGES = 3
+APPLY_STAGES = 5
+# Programs per SM the grid aims for (target_programs), and the reduce's warps. Why so
+# few: each reduce program ends by pooling its Welford states in float64, a fixed cost
+# per program as large as several tiles' loop (static_check.py counts it); two
+# programs per SM, of 4 warps each, pay it least while the pipelined loops keep 32 KB in
+# flight per SM.
+PROGRAMS_PER_SM = 2
+REDUCE_WARPS = 4
 
 
-def merge_tile(c: int, splits: int) -> Tuple[int, int]:
-    """(channels, splits) per step of the merge kernel. Splits first: a step merges its
-    splits as a tree (log2 rounds), and the steps run one after another, so 528 splits
-    take 3 steps, not 528; the channels left over share a program."""
+def merge_tile(c: int, splits: int) -> Tuple[int, int, int]:
+    """(channels, splits) per step of the merge kernel, and its warps. Splits first: a
+    step pools its splits at once, and the steps run one after another, so 528 splits
+    take 3 steps, not 528; the channels left over share a program. No more warps than
+    give each thread a 128-bit vector of the partials (4 float32)."""
     block_s = min(next_pow2(splits), MERGE_BLOCK_S)
     block_c = min(next_pow2(c), MERGE_BLOCK_C, max(1, MERGE_TILE // block_s))
-    return block_c, block_s
+    return block_c, block_s, max(1, min(4, block_c * block_s // 128))
 
 
 class KernelLayout(NamedTuple):
@@ -81,7 +99,7 @@ def kernel_layout(tensors: Sequence[torch.Tensor], block_c: int, block_r: int,
 
 def target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * sm_count(device_index(device))
+        return PROGRAMS_PER_SM * sm_count(device_index(device))
     return INTERPRETER_PROGRAMS
 
 
@@ -97,6 +115,14 @@ class LaunchPlan(NamedTuple):
     channel_span: int = 0
     seg_c: int = 1
     seg_s: int = 1
+    # The forward reduce's own tile rows (a divisor of block_r, so that a split's rows
+    # are whole tiles of both), and the reduce's warps: 0, block_r's and num_warps.
+    reduce_block_r: int = 0
+    reduce_warps: int = 0
+
+    def reduce_tile(self) -> "Tuple[int, int]":
+        """(rows per reduce tile, the reduce's warps)."""
+        return self.reduce_block_r or self.block_r, self.reduce_warps or self.num_warps
 
 
 # NCHW tiles: rows per tile no shorter than this when fitted to the rows (_fitted_rows).
@@ -137,13 +163,16 @@ def settings() -> tuple:
     replays key on them, so that a changed setting is planned afresh, never served a plan
     made before it."""
     return (GPU_TILE, INTERPRETER_TILE, INTERPRETER_PROGRAMS, MIN_FITTED_ROWS, TAIL_TILE_COST,
-            CHANNEL_BLOCK_MAX_S, target_programs)
+            CHANNEL_BLOCK_MAX_S, REDUCE_STAGES, APPLY_STAGES, REDUCE_WARPS, PROGRAMS_PER_SM,
+            target_programs)
 
 
-def _splits(tiles: int, c_blocks: int, device: torch.device) -> Tuple[int, int]:
-    """(splits, tiles per split): as many programs as fill the device, each over whole
-    groups of GROUP_TILES tiles where it takes at least 3 tiles, none without tiles."""
-    splits = max(1, min(tiles, target_programs(device) // c_blocks))
+def _splits(tiles: int, c_blocks: int, device: torch.device,
+            most: Optional[int] = None) -> Tuple[int, int]:
+    """(splits, tiles per split): as many programs as fill the device (and no more than
+    most splits), each over whole groups of GROUP_TILES tiles where it takes at least 3
+    tiles, none without tiles."""
+    splits = max(1, min(tiles, most or tiles, target_programs(device) // c_blocks))
     tiles_per_split = -(-tiles // splits)
     if tiles_per_split >= GROUP_TILES - 1:  # whole groups (fewer, longer splits)
         tiles_per_split = -(-tiles_per_split // GROUP_TILES) * GROUP_TILES
@@ -169,15 +198,12 @@ def channel_block_plan(n: int, c: int, s: int, device: torch.device) -> Optional
         return None
     lanes = next_pow2(span)
     c_blocks = c // block
-    # no more splits than tiles' worth of values (a tile holds one sample here): a small
+    # the loop's steps are samples; no more splits than tiles' worth of values: a small
     # tensor stays one split, as its rows would (no merge launch)
-    splits, per_split = _splits(min(n, -(-n * span // tile)), c_blocks, device)
-    per_split = -(-n // splits)
-    if per_split >= GROUP_TILES - 1:
-        per_split = -(-per_split // GROUP_TILES) * GROUP_TILES
-    splits = -(-n // per_split)
-    return LaunchPlan(block, lanes, c_blocks, splits, per_split, 8 if lanes >= 2048 else 4,
-                      span, next_pow2(block), next_pow2(s))
+    splits, per_split = _splits(n, c_blocks, device, most=-(-n * span // tile))
+    warps = 8 if lanes >= 2048 else 4
+    return LaunchPlan(block, lanes, c_blocks, splits, per_split, warps, span, next_pow2(block),
+                      next_pow2(s), reduce_warps=min(warps, REDUCE_WARPS))
 
 
 def launch_plan(n: int, c: int, s: int, channels_fast: bool, device: torch.device) -> LaunchPlan:
@@ -200,4 +226,39 @@ def launch_plan(n: int, c: int, s: int, channels_fast: bool, device: torch.devic
     r_tiles = max(1, -(-rows // block_r))
     splits, tiles_per_split = _splits(r_tiles, c_blocks, device)
     num_warps = 8 if block_c * block_r >= 2048 else 4
-    return LaunchPlan(block_c, block_r, c_blocks, splits, tiles_per_split * block_r, num_warps)
+    # channels_last: the forward reduce's tiles half as long (1024 lanes, still 8 values
+    # a thread): its states are its lanes there (state_vectors), and a program's end
+    # pools them, at a cost that grows with the tile
+    reduce_rows = block_r // 2 if channels_fast and block_c * block_r >= 2048 else block_r
+    return LaunchPlan(block_c, block_r, c_blocks, splits, tiles_per_split * block_r, num_warps,
+                      reduce_block_r=reduce_rows, reduce_warps=min(num_warps, REDUCE_WARPS))
+
+
+def state_vectors(plan: LaunchPlan, element_size: int, s: int, channels_fast: bool,
+                  row_stride: int, flat_rows: bool) -> Tuple[int, int, int]:
+    """(VEC, PARTS, SEG_P) of the forward reduction's Welford states (welford.py): a state
+    per VEC neighbouring lanes of a channel, VEC a 128-bit vector of the element type
+    where a thread's loads are that wide (rows of stride 1: NCHW, channel blocks), 1
+    (a state per lane) where they are not (channels_last's vectors hold neighbouring
+    channels; strided rows; NCHW rows whose samples' S values are no multiple of it, where
+    a vector would straddle two samples). Channel blocks: a divisor of S where one of 4
+    or more values divides it (14 x 14: 4), so that no vector straddles two channels;
+    otherwise (7 x 7) no wider than S, so that a vector spans two channels at most, with
+    two parts per vector (PARTS). SEG_P: the most states of one channel, rounded up to a
+    power of two, that tiles._states_by_channel gathers."""
+    vec = 16 // element_size if not channels_fast and row_stride == 1 else 1
+    vec = min(vec, plan.reduce_tile()[0])
+    if not plan.channel_span:
+        while not flat_rows and s % vec:
+            vec //= 2
+        return vec, 1, 1
+    dividing = vec
+    while s % dividing:
+        dividing //= 2
+    if dividing >= 4 or dividing == vec:  # vectors that never straddle two channels
+        return dividing, 1, next_pow2(s // dividing)
+    while vec > s:
+        vec //= 2
+    if vec == 1:
+        return 1, 1, next_pow2(s)
+    return vec, 2, next_pow2(-(-s // vec) + 1)
