@@ -70,6 +70,9 @@ def commands(stage: str, out: Path, dry: bool, extra: list):
                 ([PY, "-c", "import torch, triton; print('torch', torch.__version__, 'cuda', "
                   "torch.version.cuda, 'triton', triton.__version__)"], "env.txt", False),
                 (["nvcc", "--version"], "env.txt", True),
+                # csrc/ built once, before the workers (each would build it otherwise)
+                ([PY, "-m", "bnkernels.backends.cuda", *(["--emulate"] if dry else
+                                                          ["--arch", "90"])], "env.txt", False),
                 ([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, *tests],
                  "tests.log", False)]
     smoke = ["--smoke"] if dry else []

@@ -1,105 +1,56 @@
-// libbnkernels_cuda: the launchers behind bnk_api.h.
-//
-// The passes (docs/math.md): reduce, merge, apply; "fused" is reduce and apply in one launch.
-//   forward  training, splits == 1: reduce_stats_kernel alone (statistics, then normalize);
-//            the running statistics are updated where the statistics are finished;
-//            training, splits > 1: reduce_stats_kernel (partials), merge_kernel,
-//            apply_normalize_kernel; eval: apply_normalize_kernel with the running statistics.
-//   backward with sums (stats_out): reduce_grads_kernel alone (splits == 1), or
-//            reduce_grads_kernel, merge_kernel, apply_input_grad_kernel; without:
-//            apply_input_grad_kernel alone (running statistics, or SyncBatchNorm's sums).
+// libbnkernels_cuda's C ABI (bnk_api.h): the call's checks, its element type's launchers
+// (launchers.cuh, one translation unit per type: kernels_<type>.cu), the errors, the ABI
+// check's offsets and the launch counts.
 //
 // Launches go on the stream in the call (torch's current stream) and never synchronise
-// the host. Built by bnkernels/cuda_build.py: nvcc for the GPU, or g++ -DBNK_EMULATE for
-// the CPU test suite.
+// the host. Built by bnkernels/backends/cuda/build.py: nvcc for the GPU, or the host
+// compiler with -DBNK_EMULATE for the CPU test suite.
 #include <stddef.h>
 
 #include <atomic>
-#include <type_traits>
 
-#include "bn_kernels.cuh"
+#include "launch.h"
+#include "portable.cuh"
+
+std::atomic<int64_t> bnk_launches[LAUNCH_KINDS];
 
 namespace {
-
-enum { LAUNCH_REDUCE, LAUNCH_MERGE, LAUNCH_APPLY, LAUNCH_FUSED, LAUNCH_KINDS };
-std::atomic<int64_t> launches[LAUNCH_KINDS];
 
 // Codes of our own, beside CUDA's (which are below 10000).
 enum { BNK_ERR_INVALID_CALL = 20001, BNK_ERR_DTYPE = 20002 };
 
-template <typename T> int acc_code() { return std::is_same<T, double>::value ? BNK_F64 : BNK_F32; }
-
-dim3 grid_of(const BnkCall& k) {
-  return dim3(static_cast<unsigned>((k.c + k.block_c - 1) / k.block_c),
-              static_cast<unsigned>(k.splits));
-}
-
-dim3 merge_grid_of(const BnkCall& k) {
-  return dim3(static_cast<unsigned>((k.c + BNK_MAX_THREADS - 1) / BNK_MAX_THREADS));
-}
-
-template <typename T> int launch_normalize(const BnkCall& k) {
-  ++launches[LAUNCH_APPLY];
-  return BNK_LAUNCH(apply_normalize_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
-}
-
-template <typename T> int launch_input_grad(const BnkCall& k) {
-  ++launches[LAUNCH_APPLY];
-  return BNK_LAUNCH(apply_input_grad_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
-}
-
-template <typename T> int launch_merge(const BnkCall& k, int backward) {
-  ++launches[LAUNCH_MERGE];
-  return BNK_LAUNCH(merge_kernel<T>, merge_grid_of(k), dim3(BNK_MAX_THREADS), k.stream, k,
-                    backward);
-}
-
-template <typename T> int run_forward(const BnkCall& k) {
-  if (!k.training) return launch_normalize<T>(k);
-  ++launches[k.splits == 1 ? LAUNCH_FUSED : LAUNCH_REDUCE];
-  int err = BNK_LAUNCH(reduce_stats_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
-  if (err || k.splits == 1) return err;
-  if ((err = launch_merge<T>(k, 0))) return err;
-  if (!k.out.ptr) return 0;
-  BnkCall a = k;  // normalize with the merged statistics
-  a.mean = k.stats_out[0];
-  a.rstd_or_var = k.stats_out[1];
-  a.stat_dtype = acc_code<T>();
-  a.given_var = 0;
-  return launch_normalize<T>(a);
-}
-
-template <typename T> int run_backward(const BnkCall& k) {
-  if (!k.stats_out[0]) return launch_input_grad<T>(k);
-  ++launches[k.splits == 1 ? LAUNCH_FUSED : LAUNCH_REDUCE];
-  int err = BNK_LAUNCH(reduce_grads_kernel<T>, grid_of(k), dim3(k.threads), k.stream, k);
-  if (err || k.splits == 1) return err;
-  if ((err = launch_merge<T>(k, 1))) return err;
-  if (!k.out.ptr && !k.dres.ptr) return 0;
-  BnkCall a = k;  // the input gradient from the merged sums
-  a.sum_g = k.stats_out[0];
-  a.sum_gx = k.stats_out[1];
-  return launch_input_grad<T>(a);
-}
-
-// run(T()) for the element type of the call.
-template <typename Run> int dispatch(int dtype, Run run) {
-  switch (dtype) {
-    case BNK_F32: return run(float());
-    case BNK_F16: return run(__half());
-    case BNK_BF16: return run(__nv_bfloat16());
-    case BNK_F64: return run(double());
+// The call's element type's forward or backward (kernels_<type>.cu).
+int run_call(const BnkCall& k, bool forward) {
+  switch (k.dtype) {
+    case BNK_F32: return forward ? bnk_run_forward_f32(k) : bnk_run_backward_f32(k);
+    case BNK_F16: return forward ? bnk_run_forward_f16(k) : bnk_run_backward_f16(k);
+    case BNK_BF16: return forward ? bnk_run_forward_bf16(k) : bnk_run_backward_bf16(k);
+    case BNK_F64: return forward ? bnk_run_forward_f64(k) : bnk_run_backward_f64(k);
     default: return BNK_ERR_DTYPE;
   }
 }
 
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
+int elements_per_16_bytes(int dtype) {
+  switch (dtype) {
+    case BNK_F16:
+    case BNK_BF16: return 8;
+    case BNK_F64: return 2;
+    default: return 4;
+  }
+}
+
 // What the kernels assume of a call; a violation is a bug in the Python launcher.
 bool valid(const BnkCall& k, bool forward) {
   if (k.n <= 0 || k.c <= 0 || k.s <= 0 || !k.x.ptr) return false;
+  if (k.vec != 1 && k.vec != elements_per_16_bytes(k.dtype)) return false;  // (0: unset)
+  const int64_t channel_lanes = k.channels_fast ? k.block_c / k.vec : k.block_c;
   if (!is_pow2(k.threads) || k.threads > BNK_MAX_THREADS || !is_pow2(k.block_c) ||
-      k.threads % k.block_c != 0)
+      channel_lanes < 1 || k.threads % channel_lanes != 0)
+    return false;
+  if (k.vec > 1 && (k.channels_fast ? (k.block_c % k.vec != 0 || k.c % k.vec != 0)
+                                    : (k.s % k.vec != 0 || k.rows_per_split % k.vec != 0)))
     return false;
   if (k.splits < 1 || k.splits > 65535 || k.rows_per_split < 1 ||
       k.rows_per_split * k.splits < k.n * k.s || (k.splits > 1 && !k.workspace))
@@ -149,13 +100,13 @@ extern "C" {
 int bnk_forward(const BnkCall* call) {
   if (!call || !valid(*call, true)) return BNK_ERR_INVALID_CALL;
   DeviceGuard guard(call->device);
-  return dispatch(call->dtype, [&](auto tag) { return run_forward<decltype(tag)>(*call); });
+  return run_call(*call, true);
 }
 
 int bnk_backward(const BnkCall* call) {
   if (!call || !valid(*call, false)) return BNK_ERR_INVALID_CALL;
   DeviceGuard guard(call->device);
-  return dispatch(call->dtype, [&](auto tag) { return run_backward<decltype(tag)>(*call); });
+  return run_call(*call, false);
 }
 
 const char* bnk_error_string(int code) {
@@ -202,7 +153,7 @@ int bnk_call_offsets(int64_t* out, int capacity) {
       BNK_FIELD(running_mean),   BNK_FIELD(running_var), BNK_FIELD(num_batches_tracked),
       BNK_FIELD(running_sm),     BNK_FIELD(running_sv),  BNK_FIELD(momentum),
       BNK_FIELD(running_dtype),  BNK_FIELD(cumulative),  BNK_FIELD(grad_out),
-      BNK_FIELD(grad_dtype),
+      BNK_FIELD(grad_dtype),     BNK_FIELD(vec),
   };
 #undef BNK_FIELD
   const int count = static_cast<int>(sizeof(fields) / sizeof(fields[0]));
@@ -211,7 +162,7 @@ int bnk_call_offsets(int64_t* out, int capacity) {
 }
 
 void bnk_launch_counts(int64_t out[4]) {
-  for (int i = 0; i < LAUNCH_KINDS; ++i) out[i] = launches[i].load();
+  for (int i = 0; i < LAUNCH_KINDS; ++i) out[i] = bnk_launches[i].load();
 }
 
 }  // extern "C"

@@ -2,18 +2,28 @@
 // code with them.
 //
 // A block takes block_c channels and one split of their rows (r = n * S + s,
-// [row0, row_end)); each thread one channel lane and one row lane of `lanes`, visiting
-// every lanes-th row. Grid: (channel blocks, splits).
+// [row0, row_end)). Its threads are (channel lane, row lane) pairs; each visits every
+// lanes-th vector of its rows. A vector is VEC neighbouring elements along the contiguous
+// axis, one 128-bit access: VEC rows of one channel (NCHW, FAST false) or VEC channels of
+// one row (channels_last, FAST true); VEC = 1 where the call's tensors don't allow it
+// (bnk_api.h). Grid: (channel blocks, splits).
+//
+// Template parameters, so that no per-element branch is left in a hot loop: the element
+// type T, VEC, FAST (the layout), the activation ACT and the residual RES (forward), and Y
+// (backward: relu's mask read from the saved output). batch_norm.cu dispatches a call to
+// its instantiation.
 //
 // The passes are docs/math.md's, named as in the Triton backend: reduce, merge, apply.
 //
-//   reduce_stats_kernel  forward: one-pass Welford (mean, var) per thread around the thread's
-//                     own first value, folded over the block's row lanes (Chan et al.). splits > 1: partials
-//                     to the workspace; splits == 1: the final mean/rstd/var, then the
-//                     block normalizes its own rows (one launch per forward).
+//   reduce_stats_kernel  forward: one-pass Welford per thread state (a thread's vectors of
+//                     one channel, 4 of them a step), pooled over the block's row lanes
+//                     (block_pool). splits > 1: partials to the workspace; splits == 1:
+//                     the final mean/rstd/var, then the block normalizes its own rows (one
+//                     launch per forward).
 //   reduce_grads_kernel  backward: sum g and sum g*xhat, g = dL/dz through the fused
 //                     activation; partials, or (splits == 1) the sums then the input gradient.
-//   merge_kernel         one thread per channel folds the splits in split order.
+//   merge_kernel         a block per few channels: its threads pool the splits (split
+//                     order each, then a fixed tree over the threads).
 //   apply_normalize_kernel   the elementwise forward: y = act((x - mean) * gamma * rstd + beta (+ res)).
 //   apply_input_grad_kernel  the elementwise backward: dres = dL/dz, and dx =
 //                     gamma * rstd * (g - mean(g) - xhat * mean(g * xhat)) with batch
@@ -23,22 +33,24 @@
 #pragma once
 #include "bn_math.cuh"
 
-// This thread's channel c (lane tc of block_c) and row lane tr (of lanes). Neighbouring
-// threads take neighbouring channels when channels are the contiguous axis, neighbouring
-// rows otherwise, so that a warp's loads are contiguous in both layouts.
+// This thread's lanes: channel lane tc (of channel_lanes) and row lane tr (of lanes).
+// Neighbouring threads take neighbouring channel vectors when channels are the contiguous
+// axis (FAST), neighbouring row vectors otherwise, so that a warp's loads are contiguous in
+// both layouts. c: the first channel of the thread's vector (FAST) or its channel.
 struct Lane {
-  int tc, tr, lanes;
+  int tc, tr, lanes, channel_lanes;
   int64_t c, row0, row_end;
   bool active;  // c < C
 };
 
-BNK_DEVICE Lane lane_of(const BnkCall& k) {
+template <int VEC, bool FAST> BNK_DEVICE Lane lane_of(const BnkCall& k) {
   Lane l;
   const int tid = threadIdx.x;
-  l.lanes = blockDim.x / k.block_c;
-  l.tc = k.channels_fast ? tid % k.block_c : tid / l.lanes;
-  l.tr = k.channels_fast ? tid / k.block_c : tid % l.lanes;
-  l.c = static_cast<int64_t>(blockIdx.x) * k.block_c + l.tc;
+  l.channel_lanes = FAST ? k.block_c / VEC : k.block_c;
+  l.lanes = blockDim.x / l.channel_lanes;
+  l.tc = FAST ? tid % l.channel_lanes : tid / l.lanes;
+  l.tr = FAST ? tid / l.channel_lanes : tid % l.lanes;
+  l.c = static_cast<int64_t>(blockIdx.x) * k.block_c + (FAST ? l.tc * VEC : l.tc);
   l.active = l.c < k.c;
   l.row0 = static_cast<int64_t>(blockIdx.y) * k.rows_per_split;
   const int64_t rows = k.n * k.s;
@@ -46,11 +58,60 @@ BNK_DEVICE Lane lane_of(const BnkCall& k) {
   return l;
 }
 
-template <typename F> BNK_DEVICE void for_each_row(const BnkCall& k, const Lane& l, F&& f) {
-  if (!l.active) return;
-  RowWalk w(l.row0 + l.tr, l.lanes, k.s);
-  for (int64_t r = l.row0 + l.tr; r < l.row_end; r += l.lanes, w.next()) f(w);
+// Where a vector starts: sample n, spatial position s (with the lane's channel c, an
+// element's offset in any tensor of the call).
+struct Place {
+  int64_t n, s;
+  BNK_DEVICE int64_t at(const BnkTensor& t, int64_t c) const { return n * t.sn + c * t.sc + s * t.ss; }
+};
+
+// The thread's vectors, one after another: rows r (NCHW: r..r+VEC-1 of one sample, S and
+// every split a multiple of VEC) from its lane's first, lanes vectors apart, with (n, s)
+// walked incrementally (no division per element).
+template <int VEC, bool FAST> struct Vectors {
+  RowWalk w;
+  int64_t r, step, end;
+  BNK_DEVICE Vectors(const BnkCall& k, const Lane& l)
+      : w(l.row0 + (FAST ? l.tr : int64_t(l.tr) * VEC), FAST ? l.lanes : int64_t(l.lanes) * VEC,
+          k.s),
+        r(l.row0 + (FAST ? l.tr : int64_t(l.tr) * VEC)),
+        step(FAST ? l.lanes : int64_t(l.lanes) * VEC),
+        end(l.row_end) {}
+  BNK_DEVICE bool more(int count = 1) const { return r + (count - 1) * step < end; }
+  BNK_DEVICE void next() {
+    r += step;
+    w.next();
+  }
+  BNK_DEVICE int64_t at(const BnkTensor& t, int64_t c) const { return w.offset(t, c); }
+  BNK_DEVICE Place place() const { return {w.n, w.s}; }
+};
+
+// Visits the thread's vectors UNROLL at a time while that many are left, then one at a
+// time: body(places) with a Place per vector (an array of UNROLL, or of 1), so that the
+// body issues all its vectors' loads before it uses one: UNROLL * 16 bytes of each tensor
+// in flight per thread, where the few blocks an SM holds would leave too few.
+template <int UNROLL, int VEC, bool FAST, typename Body>
+BNK_DEVICE void for_vectors(const BnkCall& k, const Lane& l, Body body) {
+  Vectors<VEC, FAST> v(k, l);
+  while (v.more(UNROLL)) {
+    Place places[UNROLL];
+    BNK_UNROLL
+    for (int u = 0; u < UNROLL; ++u) {
+      places[u] = v.place();
+      v.next();
+    }
+    body(places);
+  }
+  for (; v.more(); v.next()) {
+    const Place places[1] = {v.place()};
+    body(places);
+  }
 }
+
+// Vectors a thread takes at once in the elementwise loops (for_vectors): 4 of 16 bytes;
+// one where a call takes single elements (VEC = 1: a layout no 128-bit access can read,
+// not worth the code of the unrolled loop).
+template <int VEC> constexpr int APPLY_UNROLL = VEC > 1 ? 4 : 1;
 
 // A channel's y = (x - mean) * scale + shift: scale = gamma * rstd, shift = beta.
 // z_mean is the mean z uses: where scale is inf or NaN, torch's own form
@@ -80,6 +141,22 @@ template <typename Acc> BNK_DEVICE Channel<Acc> given_channel(const BnkCall& k, 
   return channel<Acc>(k, c, mean, k.given_var ? inv_std(spread, k.eps) : spread);
 }
 
+// The channels of a thread's vector: VEC of them (FAST), or one.
+template <typename Acc, int VEC, bool FAST> struct Channels {
+  static constexpr int COUNT = FAST ? VEC : 1;
+  Channel<Acc> p[COUNT];
+  // element j of a vector belongs to p[of(j)]
+  static BNK_DEVICE int of(int j) { return FAST ? j : 0; }
+};
+
+template <typename Acc, int VEC, bool FAST>
+BNK_DEVICE Channels<Acc, VEC, FAST> given_channels(const BnkCall& k, const Lane& l) {
+  Channels<Acc, VEC, FAST> ch;
+  BNK_UNROLL
+  for (int i = 0; i < ch.COUNT; ++i) ch.p[i] = given_channel<Acc>(k, l.c + i);
+  return ch;
+}
+
 // The values each sum of the three-path dx is over: the call's count, or per channel.
 template <typename Acc> BNK_DEVICE Acc count_of(const BnkCall& k, int64_t c) {
   return k.channel_count ? static_cast<const Acc*>(k.channel_count)[c] : static_cast<Acc>(k.count);
@@ -87,98 +164,159 @@ template <typename Acc> BNK_DEVICE Acc count_of(const BnkCall& k, int64_t c) {
 
 // z = (x - mean) * scale + shift (+ residual): (x - mean) first, since for |mean| >> std
 // x * scale + (shift - mean * scale) would cancel. Backward repeats it term for term.
-template <typename T, typename Acc>
-BNK_DEVICE Acc pre_activation(const BnkCall& k, const Channel<Acc>& p, Acc x, const RowWalk& w,
-                              int64_t c, bool with_residual) {
-  Acc z = (x - p.z_mean) * p.scale + p.shift;
-  if (with_residual) z += load_at<T>(k.res, w.offset(k.res, c));
-  return z;
+template <typename Acc> BNK_DEVICE Acc pre_activation(const Channel<Acc>& p, Acc x) {
+  return (x - p.z_mean) * p.scale + p.shift;
 }
 
-// dL/dz from g = dL/dy. relu after a residual add reads its mask from the saved output y
-// (k.y), which torch's relu keeps too; otherwise z is recomputed from x.
-template <typename T, typename Acc>
-BNK_DEVICE Acc epilogue_grad(const BnkCall& k, const Channel<Acc>& p, Acc g, Acc x,
-                             const RowWalk& w, int64_t c) {
-  if (k.activation == BNK_ACT_IDENTITY) return g;
-  if (k.activation == BNK_ACT_RELU && k.y.ptr) return load_at<T>(k.y, w.offset(k.y, c)) > Acc(0) ? g : Acc(0);
-  return activation_grad(g, pre_activation<T>(k, p, x, w, c, k.res.ptr != nullptr), k.activation);
-}
-
-template <typename T, typename Acc>
-BNK_DEVICE void normalize_rows(const BnkCall& k, const Lane& l, const Channel<Acc>& p) {
-  const bool with_residual = k.res.ptr != nullptr;
-  for_each_row(k, l, [&](const RowWalk& w) {
-    const Acc x = load_at<T>(k.x, w.offset(k.x, l.c));
-    const Acc z = pre_activation<T>(k, p, x, w, l.c, with_residual);
-    store_at<T>(k.out, w.offset(k.out, l.c), activate(z, k.activation));
+// The forward's elementwise pass over the thread's vectors: y = act(z), z = bn(x) (+ res).
+template <typename T, int VEC, bool FAST, int ACT, bool RES, typename Acc>
+BNK_DEVICE void normalize_rows(const BnkCall& k, const Lane& l, const Channels<Acc, VEC, FAST>& ch) {
+  for_vectors<APPLY_UNROLL<VEC>, VEC, FAST>(k, l, [&](const auto& places) {
+    constexpr int U = sizeof(places) / sizeof(places[0]);
+    Acc x[U][VEC], res[RES ? U : 1][VEC];
+    BNK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      load_vec<T, VEC>(k.x, places[u].at(k.x, l.c), x[u]);
+      if constexpr (RES) load_vec<T, VEC>(k.res, places[u].at(k.res, l.c), res[u]);
+    }
+    (void)res;
+    BNK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      BNK_UNROLL
+      for (int j = 0; j < VEC; ++j) {
+        Acc z = pre_activation(ch.p[ch.of(j)], x[u][j]);
+        if constexpr (RES) z += res[u][j];
+        x[u][j] = activate<ACT>(z);
+      }
+      store_vec<T, VEC>(k.out, places[u].at(k.out, l.c), x[u]);
+    }
   });
 }
 
-// dres = dL/dz where asked; dx into k.out where asked.
-template <typename T, typename Acc>
-BNK_DEVICE void input_grad_rows(const BnkCall& k, const Lane& l, const Channel<Acc>& p,
-                                Acc mean_g, Acc mean_gx) {
-  const bool need_x = k.training || k.activation != 0;
-  for_each_row(k, l, [&](const RowWalk& w) {
-    const Acc x = need_x ? load_at<T>(k.x, w.offset(k.x, l.c)) : Acc(0);
-    const Acc g = epilogue_grad<T>(k, p, load_at<T>(k.g, w.offset(k.g, l.c)), x, w, l.c);
-    if (k.dres.ptr) store_at<T>(k.dres, w.offset(k.dres, l.c), g);
-    if (!k.out.ptr) return;
-    const Acc dx = k.training ? p.scale * (g - mean_g - (x - p.mean) * p.rstd * mean_gx)
-                              : p.scale * g;
-    store_at<T>(k.out, w.offset(k.out, l.c), dx);
+// normalize_rows for the call's epilogue, chosen at run time (the one-launch forward).
+template <typename T, int VEC, bool FAST, typename Acc>
+BNK_DEVICE void normalize_rows_of_call(const BnkCall& k, const Lane& l,
+                                       const Channels<Acc, VEC, FAST>& ch) {
+  const bool res = k.res.ptr != nullptr;
+  switch (k.activation) {
+    case BNK_ACT_RELU:
+      return res ? normalize_rows<T, VEC, FAST, BNK_ACT_RELU, true>(k, l, ch)
+                 : normalize_rows<T, VEC, FAST, BNK_ACT_RELU, false>(k, l, ch);
+    case BNK_ACT_SILU:
+      return res ? normalize_rows<T, VEC, FAST, BNK_ACT_SILU, true>(k, l, ch)
+                 : normalize_rows<T, VEC, FAST, BNK_ACT_SILU, false>(k, l, ch);
+    case BNK_ACT_GELU:
+      return res ? normalize_rows<T, VEC, FAST, BNK_ACT_GELU, true>(k, l, ch)
+                 : normalize_rows<T, VEC, FAST, BNK_ACT_GELU, false>(k, l, ch);
+    default:
+      return res ? normalize_rows<T, VEC, FAST, BNK_ACT_IDENTITY, true>(k, l, ch)
+                 : normalize_rows<T, VEC, FAST, BNK_ACT_IDENTITY, false>(k, l, ch);
+  }
+}
+
+// g = dL/dz of a vector from dL/dy (g, in place): relu's mask from the saved output y (Y:
+// relu after a residual, whose y torch's relu keeps too); otherwise z recomputed from x
+// (and the residual, RES).
+template <typename T, int VEC, bool FAST, int ACT, bool RES, bool Y, typename Acc>
+BNK_DEVICE void epilogue_grad(const BnkCall& k, const Place& at, int64_t c,
+                              const Channels<Acc, VEC, FAST>& ch, const Acc (&x)[VEC], Acc (&g)[VEC]) {
+  if constexpr (Y) {
+    Acc y[VEC];
+    load_vec<T, VEC>(k.y, at.at(k.y, c), y);
+    BNK_UNROLL
+    for (int j = 0; j < VEC; ++j) g[j] = y[j] > Acc(0) ? g[j] : Acc(0);
+  } else if constexpr (ACT != BNK_ACT_IDENTITY) {
+    Acc res[VEC];
+    if constexpr (RES) load_vec<T, VEC>(k.res, at.at(k.res, c), res);
+    BNK_UNROLL
+    for (int j = 0; j < VEC; ++j) {
+      Acc z = pre_activation(ch.p[ch.of(j)], x[j]);
+      if constexpr (RES) z += res[j];
+      g[j] = activation_grad<ACT>(g[j], z);
+    }
+  }
+}
+
+// dres = dL/dz where asked; dx into k.out where asked: the three paths with batch
+// statistics (mean_g, mean_gx per channel), gamma * rstd * g with constant ones.
+template <typename T, int VEC, bool FAST, int ACT, bool RES, bool Y, typename Acc>
+BNK_DEVICE void input_grad_rows(const BnkCall& k, const Lane& l, const Channels<Acc, VEC, FAST>& ch,
+                                const Acc (&mean_g)[FAST ? VEC : 1], const Acc (&mean_gx)[FAST ? VEC : 1]) {
+  const bool need_x = k.training || (ACT != BNK_ACT_IDENTITY && !Y);
+  for_vectors<APPLY_UNROLL<VEC>, VEC, FAST>(k, l, [&](const auto& places) {
+    constexpr int U = sizeof(places) / sizeof(places[0]);
+    Acc x[U][VEC] = {}, g[U][VEC];
+    BNK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      if (need_x) load_vec<T, VEC>(k.x, places[u].at(k.x, l.c), x[u]);
+      load_vec<T, VEC>(k.g, places[u].at(k.g, l.c), g[u]);
+    }
+    BNK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      epilogue_grad<T, VEC, FAST, ACT, RES, Y>(k, places[u], l.c, ch, x[u], g[u]);
+      if (k.dres.ptr) store_vec<T, VEC>(k.dres, places[u].at(k.dres, l.c), g[u]);
+      if (!k.out.ptr) continue;
+      BNK_UNROLL
+      for (int j = 0; j < VEC; ++j) {
+        const Channel<Acc>& p = ch.p[ch.of(j)];
+        const int i = ch.of(j);
+        x[u][j] = k.training
+            ? p.scale * (g[u][j] - mean_g[i] - (x[u][j] - p.mean) * p.rstd * mean_gx[i])
+            : p.scale * g[u][j];
+      }
+      store_vec<T, VEC>(k.out, places[u].at(k.out, l.c), x[u]);
+    }
   });
 }
 
-// Folds the row lanes of each channel in a fixed tree order; every lane of the channel
-// gets the result. Every thread of the block must call it (it synchronises).
+// Folds the row lanes of each channel lane in a fixed tree order; every row lane of the
+// channel lane gets the result. Every thread of the block must call it (it synchronises).
 template <typename Acc, typename Fold>
-BNK_DEVICE void block_fold(const Lane& l, int block_c, Acc* s0, Acc* s1, Acc* s2, Acc& a,
-                           Acc& b, Acc& n, Fold fold) {
-  const int i = l.tr * block_c + l.tc;
+BNK_DEVICE void block_fold(const Lane& l, Acc* s0, Acc* s1, Acc& a, Acc& b, Fold fold) {
+  const int i = l.tr * l.channel_lanes + l.tc;
   s0[i] = a;
   s1[i] = b;
-  s2[i] = n;
   bnk_sync();
   for (int half = l.lanes / 2; half > 0; half /= 2) {
     if (l.tr < half) {
-      const int j = i + half * block_c;
-      fold(s0[i], s1[i], s2[i], s0[j], s1[j], s2[j]);
+      const int j = i + half * l.channel_lanes;
+      fold(s0[i], s1[i], s0[j], s1[j]);
     }
     bnk_sync();
   }
   a = s0[l.tc];
   b = s1[l.tc];
-  n = s2[l.tc];
-}
-
-// block_fold for the forward statistics: the same fixed tree, over Moments.
-BNK_DEVICE void block_fold_moments(const Lane& l, int block_c, Moments* s, Moments& m) {
-  const int i = l.tr * block_c + l.tc;
-  s[i] = m;
-  bnk_sync();
-  for (int half = l.lanes / 2; half > 0; half /= 2) {
-    if (l.tr < half) moments_merge(s[i], s[i + half * block_c]);
-    bnk_sync();
-  }
-  m = s[l.tc];
+  bnk_sync();  // (the arrays are used again by the next fold)
 }
 
 struct SumFold {
-  template <typename Acc>
-  BNK_DEVICE void operator()(Acc& a, Acc& b, Acc&, Acc a2, Acc b2, Acc) const {
+  template <typename Acc> BNK_DEVICE void operator()(Acc& a, Acc& b, Acc a2, Acc b2) const {
     a += a2;
     b += b2;
   }
 };
 
-// part[0, split, c] = a, part[1, split, c] = b.
-template <typename Acc> BNK_DEVICE void store_partials(const BnkCall& k, const Lane& l, Acc a, Acc b) {
-  if (l.tr != 0) return;
-  Acc* part = static_cast<Acc*>(k.workspace);
-  part[blockIdx.y * k.c + l.c] = a;
-  part[(k.splits + blockIdx.y) * k.c + l.c] = b;
+// Pools each channel lane's partials over the block's row lanes (docs/math.md), in double,
+// in a fixed tree order:
+//   n = sum n_i,  mean = sum w_i mu_i,  var = sum w_i (var_i + (mu_i - mean)^2)
+//   w_i = n_i / n,  mu_i = K_i + mean_i
+// the pooled variance exactly, weighted so that no term outgrows the data; an empty
+// partial (n_i = 0) is left out by selection, never multiplied by its zero weight. Every
+// lane of the channel gets the result (K = mean, mean = 0). Every thread of the block
+// must call it (it synchronises). Why not Chan's pairwise formula: a float64 division per
+// pair and level, a chain of them.
+BNK_DEVICE Moments block_pool(const Lane& l, double* s0, double* s1, const Moments& m) {
+  double n = m.n, sum = m.sum;
+  block_fold(l, s0, s1, n, sum, SumFold());
+  const bool held = m.n > 0;
+  const double w = m.n * (n > 0 ? loop_div(1.0, n) : 0.0), mu = m.k + m.mean;
+  double mean = held ? w * mu : 0.0, unused = 0.0;
+  block_fold(l, s0, s1, mean, unused, SumFold());
+  const double dev = mu - mean;
+  double var = held ? w * (m.var + dev * dev) : 0.0;
+  unused = 0.0;
+  block_fold(l, s0, s1, var, unused, SumFold());
+  return {mean, 0.0, var, n, sum};
 }
 
 template <typename Acc> BNK_DEVICE void store_stat(void* out, int64_t c, Acc v) {
@@ -199,10 +337,10 @@ template <typename Acc> BNK_DEVICE void update_running(const BnkCall& k, int64_t
                                                        Acc var) {
   if (!k.running_mean) return;
   const Acc f = k.cumulative
-      ? Acc(1) / (static_cast<Acc>(*static_cast<const int64_t*>(k.num_batches_tracked)) + Acc(1))
+      ? loop_div(Acc(1), static_cast<Acc>(*static_cast<const int64_t*>(k.num_batches_tracked)) + Acc(1))
       : static_cast<Acc>(k.momentum);
   const Acc count = static_cast<Acc>(k.count);
-  const Acc unbiased = var * (count / (count - Acc(1)));
+  const Acc unbiased = var * loop_div(count, count - Acc(1));
   const int64_t im = c * k.running_sm, iv = c * k.running_sv;
   store_channel(k.running_mean, k.running_dtype, im,
                 lerp_acc(load_channel<Acc>(k.running_mean, k.running_dtype, im), mean, f));
@@ -216,131 +354,242 @@ BNK_DEVICE void count_batch(const BnkCall& k) {
     ++*static_cast<int64_t*>(k.num_batches_tracked);
 }
 
-// Forward partials: part[i, split, c] for i = 0..3 (k, mean, var, sum), in Acc.
-template <typename Acc> BNK_DEVICE void store_moments(const BnkCall& k, const Lane& l, const Moments& m) {
-  if (l.tr != 0) return;
+// Forward partials: part[i, split, c] for i = 0..3 (K, mean, var, sum), in Acc: a pooled
+// mean as K + mean, two Acc values (float32: the double mean to ~48 bits).
+template <typename Acc> BNK_DEVICE void store_moments(const BnkCall& k, int64_t c, const Moments& m) {
   Acc* part = static_cast<Acc*>(k.workspace);
-  const double fields[4] = {m.k, m.mean, m.var, m.sum};
-  for (int i = 0; i < 4; ++i) part[(i * k.splits + blockIdx.y) * k.c + l.c] = static_cast<Acc>(fields[i]);
+  const double mean = m.k + m.mean;
+  const Acc hi = static_cast<Acc>(mean);
+  part[blockIdx.y * k.c + c] = hi;
+  part[(k.splits + blockIdx.y) * k.c + c] = static_cast<Acc>(mean - static_cast<double>(hi));
+  part[(2 * k.splits + blockIdx.y) * k.c + c] = static_cast<Acc>(m.var);
+  part[(3 * k.splits + blockIdx.y) * k.c + c] = static_cast<Acc>(m.sum);
 }
 
-template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS reduce_stats_kernel(BnkCall k) {
-  typedef typename AccOf<T>::type Acc;
-  BNK_SHARED Moments s_moments[BNK_MAX_THREADS];
-  const Lane l = lane_of(k);
-  // Welford in variance form, the thread's running mean held as K + mean and re-centred
-  // every step (K = K + mean, mean = its rounding error: two_sum), the variance summed with
-  // its rounding error (var + var_err): a float32 mean near 1e4 would move in steps of
-  // 1e-3, a fixed shift helps only while it is not an outlier itself, and the variance's
-  // small steps, rounded, drift by ~sqrt(n) ulps. The Triton kernel's docstring has the
-  // story and the figures.
-  Acc K = 0, mean = 0, var = 0, var_err = 0, n = 0, sum = 0;
-  for_each_row(k, l, [&](const RowWalk& w) {  // never E[x^2] - E[x]^2
-    const Acc x = load_at<T>(k.x, w.offset(k.x, l.c));
-    const Acc v = x - K;
-    sum += x;
-    n += Acc(1);
-    const Acc inv = loop_div(Acc(1), n);
-    const Acc d = v - mean;
-    mean += d * inv;
-    const Acc t = (d * inv) * (v - mean);  // at most d^2/4: no early overflow
-    Acc err;
-    const Acc summed = two_sum(var, (t - var * inv) + var_err, err);
-    // not finite: an overflow (|x| near 1e19) or a NaN: the plain update, in which inf
-    // stays inf and NaN stays NaN (the compensation would make both NaN)
-    const bool finite = fabs(summed) < Acc(INFINITY);
-    var = finite ? summed : var * (Acc(1) - inv) + t;
-    var_err = finite ? err : Acc(0);
-    K = two_sum(K, mean, mean);
-  });
-  Moments m = {K, mean, double(var) + double(var_err), n, sum};
-  block_fold_moments(l, k.block_c, s_moments, m);
-  if (!l.active) return;
-  if (k.splits > 1) return store_moments<Acc>(k, l, m);
-  const Acc channel_mean = static_cast<Acc>(moments_mean(m));
-  const Acc channel_var = static_cast<Acc>(m.var);
-  const Acc rstd = inv_std(channel_var, k.eps);
-  if (l.tr == 0) {
-    store_stat(k.stats_out[0], l.c, channel_mean);
-    store_stat(k.stats_out[1], l.c, rstd);
-    store_stat(k.stats_out[2], l.c, channel_var);
-    update_running(k, l.c, channel_mean, channel_var);
+// The Welford states of the thread's vectors (docs/math.md): NCHW, one, which takes its 4
+// vectors' 4 * VEC values of its channel a step; channels_last, VEC, one per channel of
+// its vectors, each taking a value of each of 4 rows a step. Each state starts from its
+// first value as its origin K (so that its first step's x - K is exact too). Never
+// E[x^2] - E[x]^2.
+template <typename T, int VEC, bool FAST, typename Acc>
+BNK_DEVICE void welford_states(const BnkCall& k, const Lane& l, State<Acc> (&st)[FAST ? VEC : 1]) {
+  constexpr int STATES = FAST ? VEC : 1;
+  Vectors<VEC, FAST> v(k, l);
+  if (!v.more()) return;
+  Acc first[VEC];
+  load_vec<T, VEC>(k.x, v.at(k.x, l.c), first);
+  BNK_UNROLL
+  for (int i = 0; i < STATES; ++i) st[i].k = first[i];
+  for (; v.more(4);) {  // whole groups of 4 vectors
+    Acc x[4][VEC];
+    BNK_UNROLL
+    for (int g = 0; g < 4; ++g) {
+      load_vec<T, VEC>(k.x, v.at(k.x, l.c), x[g]);
+      v.next();
+    }
+    if constexpr (FAST) {
+      BNK_UNROLL
+      for (int i = 0; i < VEC; ++i) {
+        const Acc values[4] = {x[0][i], x[1][i], x[2][i], x[3][i]};
+        take_values<4>(st[i], values);
+      }
+    } else {
+      take_values<4 * VEC>(st[0], &x[0][0]);
+    }
   }
+  for (; v.more(); v.next()) {  // the rest, a vector at a time
+    Acc x[VEC];
+    load_vec<T, VEC>(k.x, v.at(k.x, l.c), x);
+    if constexpr (FAST) {
+      BNK_UNROLL
+      for (int i = 0; i < VEC; ++i) take_values<1>(st[i], &x[i]);
+    } else {
+      take_values<VEC>(st[0], x);
+    }
+  }
+}
+
+template <typename T, int VEC, bool FAST>
+BNK_GLOBAL void BNK_LAUNCH_BOUNDS reduce_stats_kernel(BnkCall k) {
+  typedef typename AccOf<T>::type Acc;
+  constexpr int STATES = FAST ? VEC : 1;
+  BNK_SHARED double s0[BNK_MAX_THREADS], s1[BNK_MAX_THREADS];
+  const Lane l = lane_of<VEC, FAST>(k);
+  State<Acc> st[STATES] = {};
+  if (l.active) welford_states<T, VEC, FAST>(k, l, st);
+  Channels<Acc, VEC, FAST> ch;
+  BNK_UNROLL
+  for (int i = 0; i < STATES; ++i) {  // every thread folds (a barrier in each)
+    const Moments m = block_pool(l, s0, s1, {st[i].k, st[i].mean,
+                                             double(st[i].var) + double(st[i].err), st[i].n,
+                                             st[i].sum});
+    const int64_t c = l.c + i;
+    if (!l.active || c >= k.c) continue;
+    if (k.splits > 1) {
+      if (l.tr == 0) store_moments<Acc>(k, c, m);
+      continue;
+    }
+    const Acc channel_mean = static_cast<Acc>(moments_mean(m));
+    const Acc channel_var = static_cast<Acc>(m.var);
+    const Acc rstd = inv_std(channel_var, k.eps);
+    if (l.tr == 0) {
+      store_stat(k.stats_out[0], c, channel_mean);
+      store_stat(k.stats_out[1], c, rstd);
+      store_stat(k.stats_out[2], c, channel_var);
+      update_running(k, c, channel_mean, channel_var);
+    }
+    ch.p[i] = channel<Acc>(k, c, channel_mean, rstd);
+  }
+  if (k.splits > 1) return;
   count_batch(k);  // not cumulative here (bnk_api.h): nothing reads the counter
-  if (k.out.ptr) normalize_rows<T>(k, l, channel<Acc>(k, l.c, channel_mean, rstd));
+  if (l.active && k.out.ptr) normalize_rows_of_call<T, VEC, FAST>(k, l, ch);
 }
 
-template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS reduce_grads_kernel(BnkCall k) {
+template <typename T, int VEC, bool FAST, int ACT, bool RES, bool Y>
+BNK_GLOBAL void BNK_LAUNCH_BOUNDS reduce_grads_kernel(BnkCall k) {
   typedef typename AccOf<T>::type Acc;
-  BNK_SHARED Acc s_g[BNK_MAX_THREADS], s_gx[BNK_MAX_THREADS], s_unused[BNK_MAX_THREADS];
-  const Lane l = lane_of(k);
-  const Channel<Acc> p = l.active ? given_channel<Acc>(k, l.c) : Channel<Acc>();
-  Acc sum_g = 0, sum_gx = 0, unused = 0;
-  for_each_row(k, l, [&](const RowWalk& w) {
-    const Acc x = load_at<T>(k.x, w.offset(k.x, l.c));
-    const Acc g = epilogue_grad<T>(k, p, load_at<T>(k.g, w.offset(k.g, l.c)), x, w, l.c);
-    sum_g += g;
-    sum_gx += g * ((x - p.mean) * p.rstd);
-  });
-  block_fold(l, k.block_c, s_g, s_gx, s_unused, sum_g, sum_gx, unused, SumFold());
-  if (!l.active) return;
-  if (k.splits > 1) return store_partials(k, l, sum_g, sum_gx);
-  if (l.tr == 0) store_grad_sums(k, l.c, sum_g, sum_gx);
-  if (k.out.ptr || k.dres.ptr) {
-    const Acc count = count_of<Acc>(k, l.c);
-    input_grad_rows<T>(k, l, p, sum_g / count, sum_gx / count);
+  constexpr int STATES = FAST ? VEC : 1;
+  BNK_SHARED Acc s_g[BNK_MAX_THREADS], s_gx[BNK_MAX_THREADS];
+  const Lane l = lane_of<VEC, FAST>(k);
+  Channels<Acc, VEC, FAST> ch;
+  Acc sum_g[STATES] = {}, sum_gx[STATES] = {};
+  if (l.active) {
+    ch = given_channels<Acc, VEC, FAST>(k, l);
+    for_vectors<APPLY_UNROLL<VEC>, VEC, FAST>(k, l, [&](const auto& places) {
+      constexpr int U = sizeof(places) / sizeof(places[0]);
+      Acc x[U][VEC], g[U][VEC];
+      BNK_UNROLL
+      for (int u = 0; u < U; ++u) {
+        load_vec<T, VEC>(k.x, places[u].at(k.x, l.c), x[u]);
+        load_vec<T, VEC>(k.g, places[u].at(k.g, l.c), g[u]);
+      }
+      BNK_UNROLL
+      for (int u = 0; u < U; ++u) {
+        epilogue_grad<T, VEC, FAST, ACT, RES, Y>(k, places[u], l.c, ch, x[u], g[u]);
+        BNK_UNROLL
+        for (int j = 0; j < VEC; ++j) {
+          const Channel<Acc>& p = ch.p[ch.of(j)];
+          sum_g[ch.of(j)] += g[u][j];
+          sum_gx[ch.of(j)] += g[u][j] * ((x[u][j] - p.mean) * p.rstd);
+        }
+      }
+    });
   }
+  Acc mean_g[STATES], mean_gx[STATES];
+  BNK_UNROLL
+  for (int i = 0; i < STATES; ++i) {  // every thread folds (a barrier in each)
+    block_fold(l, s_g, s_gx, sum_g[i], sum_gx[i], SumFold());
+    const int64_t c = l.c + i;
+    mean_g[i] = mean_gx[i] = Acc(0);
+    if (!l.active || c >= k.c || l.tr != 0) continue;
+    if (k.splits > 1) {
+      Acc* part = static_cast<Acc*>(k.workspace);
+      part[blockIdx.y * k.c + c] = sum_g[i];
+      part[(k.splits + blockIdx.y) * k.c + c] = sum_gx[i];
+    } else {
+      store_grad_sums(k, c, sum_g[i], sum_gx[i]);
+    }
+  }
+  if (k.splits > 1 || !l.active || (!k.out.ptr && !k.dres.ptr)) return;
+  BNK_UNROLL
+  for (int i = 0; i < STATES; ++i) {
+    const Acc count = count_of<Acc>(k, l.c + i);
+    mean_g[i] = sum_g[i] / count;
+    mean_gx[i] = sum_gx[i] / count;
+  }
+  input_grad_rows<T, VEC, FAST, ACT, RES, Y>(k, l, ch, mean_g, mean_gx);
 }
 
 // Split j holds min(rows_per_split, R - j * rows_per_split) rows; every earlier one is full.
+// A block takes blockDim.x / lanes channels, lanes threads each (a power of two, at most
+// the splits): thread t sums splits t, t + lanes, ... in split order, then the block sums
+// its threads in a fixed tree (block_fold), so that 1000 splits take 4 dependent steps
+// and a tree of 8, not 1000.
+BNK_DEVICE Lane merge_lane(const BnkCall& k) {
+  Lane l;
+  int lanes = 1;
+  while (lanes < k.splits && lanes < static_cast<int>(blockDim.x)) lanes *= 2;
+  l.lanes = lanes;
+  l.channel_lanes = blockDim.x / lanes;
+  l.tc = threadIdx.x / lanes;
+  l.tr = threadIdx.x % lanes;
+  l.c = static_cast<int64_t>(blockIdx.x) * l.channel_lanes + l.tc;
+  l.active = l.c < k.c;
+  l.row0 = l.row_end = 0;
+  return l;
+}
+
 template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS merge_kernel(BnkCall k, int backward) {
   typedef typename AccOf<T>::type Acc;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= k.c) return;
+  BNK_SHARED double s0[BNK_MAX_THREADS], s1[BNK_MAX_THREADS];
+  const Lane l = merge_lane(k);
+  const int64_t c = l.c;
   const Acc* part = static_cast<const Acc*>(k.workspace);
   const int64_t rows = k.n * k.s;
   if (backward) {
-    Acc a = 0, b = 0;
-    for (int64_t j = 0; j < k.splits; ++j) {
+    double a = 0, b = 0;
+    for (int64_t j = l.tr; l.active && j < k.splits; j += l.lanes) {
       a += part[j * k.c + c];
       b += part[(k.splits + j) * k.c + c];
     }
-    store_grad_sums(k, c, a, b);
+    block_fold(l, s0, s1, a, b, SumFold());
+    if (l.active && l.tr == 0) store_grad_sums(k, c, static_cast<Acc>(a), static_cast<Acc>(b));
     return;
   }
-  Moments m = {0, 0, 0, 0, 0};
-  for (int64_t j = 0; j < k.splits; ++j) {
+  // the splits pooled as block_pool pools lanes, each thread's splits first; split j's
+  // weight w_j = n_j / rows
+  const double inv_rows = loop_div(1.0, static_cast<double>(rows));
+  double mean = 0, sum = 0;
+  for (int64_t j = l.tr; l.active && j < k.splits; j += l.lanes) {
     const int64_t before = j * k.rows_per_split;
     const int64_t here = rows - before < k.rows_per_split ? rows - before : k.rows_per_split;
-    const Moments b = {part[j * k.c + c], part[(k.splits + j) * k.c + c],
-                       part[(2 * k.splits + j) * k.c + c], static_cast<double>(here),
-                       part[(3 * k.splits + j) * k.c + c]};
-    moments_merge(m, b);
+    mean += static_cast<double>(here) * inv_rows *
+            (double(part[j * k.c + c]) + double(part[(k.splits + j) * k.c + c]));
+    sum += part[(3 * k.splits + j) * k.c + c];
   }
-  const Acc var = static_cast<Acc>(m.var);
-  const Acc mean = static_cast<Acc>(moments_mean(m));
-  store_stat(k.stats_out[0], c, mean);
-  store_stat(k.stats_out[1], c, inv_std(var, k.eps));
-  store_stat(k.stats_out[2], c, var);
-  update_running(k, c, mean, var);
+  block_fold(l, s0, s1, mean, sum, SumFold());
+  double var = 0, unused = 0;
+  for (int64_t j = l.tr; l.active && j < k.splits; j += l.lanes) {
+    const int64_t before = j * k.rows_per_split;
+    const int64_t here = rows - before < k.rows_per_split ? rows - before : k.rows_per_split;
+    const double dev = double(part[j * k.c + c]) + double(part[(k.splits + j) * k.c + c]) - mean;
+    var += static_cast<double>(here) * inv_rows *
+           (double(part[(2 * k.splits + j) * k.c + c]) + dev * dev);
+  }
+  block_fold(l, s0, s1, var, unused, SumFold());
+  if (!l.active || l.tr != 0) return;
+  const Moments m = {mean, 0.0, var, static_cast<double>(rows), sum};
+  const Acc v = static_cast<Acc>(m.var);
+  const Acc mu = static_cast<Acc>(moments_mean(m));
+  store_stat(k.stats_out[0], c, mu);
+  store_stat(k.stats_out[1], c, inv_std(v, k.eps));
+  store_stat(k.stats_out[2], c, v);
+  update_running(k, c, mu, v);
 }
 
-template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS apply_normalize_kernel(BnkCall k) {
+template <typename T, int VEC, bool FAST, int ACT, bool RES>
+BNK_GLOBAL void BNK_LAUNCH_BOUNDS apply_normalize_kernel(BnkCall k) {
   typedef typename AccOf<T>::type Acc;
-  const Lane l = lane_of(k);
+  const Lane l = lane_of<VEC, FAST>(k);
   count_batch(k);  // after the merge that read the counter
-  if (l.active) normalize_rows<T>(k, l, given_channel<Acc>(k, l.c));
+  if (l.active) normalize_rows<T, VEC, FAST, ACT, RES>(k, l, given_channels<Acc, VEC, FAST>(k, l));
 }
 
-template <typename T> BNK_GLOBAL void BNK_LAUNCH_BOUNDS apply_input_grad_kernel(BnkCall k) {
+template <typename T, int VEC, bool FAST, int ACT, bool RES, bool Y>
+BNK_GLOBAL void BNK_LAUNCH_BOUNDS apply_input_grad_kernel(BnkCall k) {
   typedef typename AccOf<T>::type Acc;
-  const Lane l = lane_of(k);
+  constexpr int STATES = FAST ? VEC : 1;
+  const Lane l = lane_of<VEC, FAST>(k);
   if (!l.active) return;
-  Acc mean_g = 0, mean_gx = 0;
+  Acc mean_g[STATES] = {}, mean_gx[STATES] = {};
   if (k.training) {  // the sums of reduce_grads_kernel, or given (SyncBatchNorm's)
-    const Acc count = count_of<Acc>(k, l.c);
-    mean_g = static_cast<const Acc*>(k.sum_g)[l.c] / count;
-    mean_gx = static_cast<const Acc*>(k.sum_gx)[l.c] / count;
+    BNK_UNROLL
+    for (int i = 0; i < STATES; ++i) {
+      const Acc count = count_of<Acc>(k, l.c + i);
+      mean_g[i] = static_cast<const Acc*>(k.sum_g)[l.c + i] / count;
+      mean_gx[i] = static_cast<const Acc*>(k.sum_gx)[l.c + i] / count;
+    }
   }
-  input_grad_rows<T>(k, l, given_channel<Acc>(k, l.c), mean_g, mean_gx);
+  input_grad_rows<T, VEC, FAST, ACT, RES, Y>(k, l, given_channels<Acc, VEC, FAST>(k, l), mean_g,
+                                             mean_gx);
 }

@@ -59,9 +59,11 @@ BNK_DEVICE double bnk_exp(double v) { return exp(v); }
 BNK_DEVICE float bnk_erf(float v) { return erff(v); }
 BNK_DEVICE double bnk_erf(double v) { return erf(v); }
 
-// a / b inside the per-element loops. float32: a * rcp(b) (__fdividef, within 2 ulp), since
-// the correctly rounded division branches to a slow-path subroutine whose call makes
-// ptxas spill the loop's live offsets to local memory (seen on sm_80). float64: exact.
+// a / b for b >= 1, in the kernels wherever the correctly rounded quotient is not needed:
+// that division branches to a slow-path subroutine, whose call makes ptxas keep the
+// caller's live values across it (spills, seen on sm_80). float32: __fdividef (within 2
+// ulp). float64: a times 1/b from float32's reciprocal (~22 bits) after two Newton steps
+// (to about an ulp).
 BNK_DEVICE float loop_div(float a, float b) {
 #ifdef BNK_EMULATE
   return a * (1.0f / b);
@@ -69,7 +71,16 @@ BNK_DEVICE float loop_div(float a, float b) {
   return __fdividef(a, b);
 #endif
 }
-BNK_DEVICE double loop_div(double a, double b) { return a / b; }
+BNK_DEVICE double loop_div(double a, double b) {
+#ifdef BNK_EMULATE
+  return a / b;
+#else
+  double r = static_cast<double>(__fdividef(1.0f, static_cast<float>(b)));
+  r = r * (2.0 - b * r);
+  r = r * (2.0 - b * r);
+  return a * r;
+#endif
+}
 
 // Knuth's TwoSum: s = a + b rounded, and err, the exact a + b - s (no FMA can fuse it: it
 // has no product). The statistics loop keeps K + mean, and the variance with its error,
@@ -80,74 +91,106 @@ template <typename Acc> BNK_DEVICE Acc two_sum(Acc a, Acc b, Acc& err) {
   return s;
 }
 
-template <typename Acc> BNK_DEVICE Acc inv_std(Acc var, double eps) {
-  return Acc(1) / bnk_sqrt(var + static_cast<Acc>(eps));
+// 1 / sqrt(var + eps), correctly rounded: float32 in one rounding (__frsqrt_rn, which has
+// no slow-path call; the emulation build rounds twice, sqrt then the division).
+BNK_DEVICE float inv_std(float var, double eps) {
+#ifdef BNK_EMULATE
+  return 1.0f / sqrtf(var + static_cast<float>(eps));
+#else
+  return __frsqrt_rn(var + static_cast<float>(eps));
+#endif
 }
+BNK_DEVICE double inv_std(double var, double eps) { return 1.0 / sqrt(var + eps); }
 
 // A partial of the forward statistics: n values whose mean is that of x - k, their biased
 // variance (var, not M2 = n * var: for |x| near 1e19, M2 overflows float32 where var does
-// not) and their plain sum. Merges run in double: partials' shifts differ by up to the
-// data's range, and float32 merges would round at its scale.
+// not) and their plain sum. Pooled in double (bn_kernels.cuh's block_pool and merge):
+// partials' origins differ by up to the data's range, and float32 would round at its scale.
 struct Moments {
   double k, mean, var, n, sum;
 };
-
-// Chan, Golub & LeVeque: fold b into a. d = (k_b - k_a) + (mean_b - mean_a); the merged
-// mean is kept relative to whichever shift it is smaller against, so that a shift that is
-// an outlier does not become every later merge's. An empty partial is skipped, never
-// multiplied by its zero weight (inf * 0 would be NaN).
-BNK_DEVICE void moments_merge(Moments& a, const Moments& b) {
-  if (b.n == 0) return;
-  if (a.n == 0) {
-    a = b;
-    return;
-  }
-  const double n = a.n + b.n, w_b = b.n / n, w_a = 1.0 - w_b;
-  const double d = (b.k - a.k) + (b.mean - a.mean);
-  const double mean_ka = a.mean + d * w_b, mean_kb = b.mean - d * w_a;
-  if (fabs(mean_kb) < fabs(mean_ka)) {
-    a.k = b.k;
-    a.mean = mean_kb;
-  } else {
-    a.mean = mean_ka;
-  }
-  a.var = w_a * a.var + w_b * b.var + (d * w_a) * (d * w_b);
-  a.n = n;
-  a.sum += b.sum;
-}
 
 // The channel's mean: k + mean, or, where that is not finite (an inf or NaN in x, which
 // Welford's running mean turns into NaN), the plain sum / n, torch's inf or NaN.
 BNK_DEVICE double moments_mean(const Moments& m) {
   const double shifted = m.k + m.mean;
-  return fabs(shifted) < INFINITY ? shifted : m.sum / m.n;
+  return fabs(shifted) < INFINITY ? shifted : loop_div(m.sum, m.n);
 }
 
-// act(z) for the BNK_ACT_* codes (gelu: the erf form). relu keeps NaN, as torch.relu.
-template <typename Acc> BNK_DEVICE Acc activate(Acc z, int activation) {
-  switch (activation) {
-    case BNK_ACT_RELU: return z < Acc(0) ? Acc(0) : z;
-    case BNK_ACT_SILU: return z * loop_div(Acc(1), Acc(1) + bnk_exp(-z));
-    case BNK_ACT_GELU: return Acc(0.5) * z * (Acc(1) + bnk_erf(z * Acc(0.7071067811865476)));
-    default: return z;
+// act(z) for a BNK_ACT_* code known at compile time (gelu: the erf form). relu keeps NaN,
+// as torch.relu.
+template <int ACT, typename Acc> BNK_DEVICE Acc activate(Acc z) {
+  if constexpr (ACT == BNK_ACT_RELU) {
+    return z < Acc(0) ? Acc(0) : z;
+  } else if constexpr (ACT == BNK_ACT_SILU) {
+    return z * loop_div(Acc(1), Acc(1) + bnk_exp(-z));
+  } else if constexpr (ACT == BNK_ACT_GELU) {
+    return Acc(0.5) * z * (Acc(1) + bnk_erf(z * Acc(0.7071067811865476)));
+  } else {
+    return z;
   }
 }
 
 // dL/dz = g * act'(z) (relu: torch's rule, g where z > 0).
-template <typename Acc> BNK_DEVICE Acc activation_grad(Acc g, Acc z, int activation) {
-  switch (activation) {
-    case BNK_ACT_RELU: return z > Acc(0) ? g : Acc(0);
-    case BNK_ACT_SILU: {
-      const Acc s = loop_div(Acc(1), Acc(1) + bnk_exp(-z));
-      return g * (s * (Acc(1) + z * (Acc(1) - s)));
-    }
-    case BNK_ACT_GELU: {
-      const Acc cdf = Acc(0.5) * (Acc(1) + bnk_erf(z * Acc(0.7071067811865476)));
-      const Acc pdf = bnk_exp(Acc(-0.5) * z * z) * Acc(0.3989422804014327);  // 1/sqrt(2 pi)
-      return g * (cdf + z * pdf);
-    }
-    default: return g;
+template <int ACT, typename Acc> BNK_DEVICE Acc activation_grad(Acc g, Acc z) {
+  if constexpr (ACT == BNK_ACT_RELU) {
+    return z > Acc(0) ? g : Acc(0);
+  } else if constexpr (ACT == BNK_ACT_SILU) {
+    const Acc s = loop_div(Acc(1), Acc(1) + bnk_exp(-z));
+    return g * (s * (Acc(1) + z * (Acc(1) - s)));
+  } else if constexpr (ACT == BNK_ACT_GELU) {
+    const Acc cdf = Acc(0.5) * (Acc(1) + bnk_erf(z * Acc(0.7071067811865476)));
+    const Acc pdf = bnk_exp(Acc(-0.5) * z * z) * Acc(0.3989422804014327);  // 1/sqrt(2 pi)
+    return g * (cdf + z * pdf);
+  } else {
+    return g;
   }
+}
+
+// A Welford state (docs/math.md): its running mean as K + mean (re-centred by TwoSum), its
+// variance as var + err, its count n and the plain sum of its values.
+template <typename Acc> struct State {
+  Acc k, mean, var, err, n, sum;
+};
+
+// The state after it takes M values x (M a power of two: every 1/M exact), one step of
+// Chan's combine with their own mean g and variance q (of x - K), exactly from them:
+//   g = sum v / M,  q = sum ((v - g) * h)^2 / (M * h^2),  v = x - K,  w = M / n
+//   d = g - mean;  mean += d * w
+//   (var, err) = TwoSum(var, (w * q + (d * w) * (g - mean) - var * w) + err)
+//   (where that sum is not finite, an overflow or a NaN: var = var * (1 - w) + t, err = 0)
+//   (K, mean) = TwoSum(K, mean)
+// h, a power of two near 1 / sqrt(M), keeps the sum of squares from overflowing before q
+// would (|x| up to ~1.8e19); the step's terms are bounded by a squared half-range.
+template <int M, typename Acc> BNK_DEVICE void take_values(State<Acc>& st, const Acc* x) {
+  constexpr double h_ = M >= 32 ? 0.125 : (M >= 8 ? 0.25 : 0.5);
+  const Acc h = static_cast<Acc>(h_);
+  Acc v[M], sum_v = 0, sum_x = 0;
+  BNK_UNROLL
+  for (int j = 0; j < M; ++j) {
+    v[j] = x[j] - st.k;
+    sum_v += v[j];
+    sum_x += x[j];
+  }
+  const Acc g = sum_v * Acc(1.0 / M), gh = g * h;
+  Acc q = 0;
+  BNK_UNROLL
+  for (int j = 0; j < M; ++j) {
+    const Acc dev = v[j] * h - gh;  // (v - g) * h, one rounding: v * h and g * h are exact
+    q += dev * dev;
+  }
+  q *= Acc(1.0 / (M * h_ * h_));
+  st.n += Acc(M);
+  const Acc w = loop_div(Acc(M), st.n);
+  const Acc d = g - st.mean, dw = d * w, stepped = st.mean + dw;
+  const Acc t = w * q + dw * (g - stepped);
+  Acc e;
+  const Acc summed = two_sum(st.var, (t - st.var * w) + st.err, e);
+  const bool finite = fabs(summed) < Acc(INFINITY);
+  st.var = finite ? summed : st.var * (Acc(1) - w) + t;
+  st.err = finite ? e : Acc(0);
+  st.k = two_sum(st.k, stepped, st.mean);
+  st.sum += sum_x;
 }
 
 // Walks the rows r = r0, r0 + step, ... of a channel (r = n * S + s) keeping (n, s), so
@@ -155,10 +198,18 @@ template <typename Acc> BNK_DEVICE Acc activation_grad(Acc g, Acc z, int activat
 struct RowWalk {
   int64_t n, s, S, dn, ds;
   BNK_DEVICE RowWalk(int64_t r0, int64_t step, int64_t S_) : S(S_) {
-    n = r0 / S;
+    n = floor_div(r0, S);
     s = r0 - n * S;
-    dn = step / S;
+    dn = floor_div(step, S);
     ds = step - dn * S;
+  }
+  // a / b for 0 <= a, 0 < b, through a double estimate and its correction, without the
+  // 64-bit integer division's subroutine call (loop_div)
+  static BNK_DEVICE int64_t floor_div(int64_t a, int64_t b) {
+    int64_t q = static_cast<int64_t>(loop_div(static_cast<double>(a), static_cast<double>(b)));
+    while (q * b > a) --q;
+    while ((q + 1) * b <= a) ++q;
+    return q;
   }
   BNK_DEVICE int64_t offset(const BnkTensor& t, int64_t c) const {
     return n * t.sn + c * t.sc + s * t.ss;
@@ -179,4 +230,26 @@ template <typename T> BNK_DEVICE typename AccOf<T>::type load_at(const BnkTensor
 
 template <typename T, typename Acc> BNK_DEVICE void store_at(const BnkTensor& t, int64_t i, Acc v) {
   static_cast<T*>(t.ptr)[i] = from_acc<T>(v);
+}
+
+// VEC elements of a tensor from element i on: one 128-bit access where VEC * sizeof(T) is
+// 16 bytes (the launcher asks for VEC > 1 only where every vector of the call is 16-byte
+// aligned: csrc/README.md), VEC scalar ones otherwise.
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC, typename Acc>
+BNK_DEVICE void load_vec(const BnkTensor& t, int64_t i, Acc (&out)[VEC]) {
+  const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(static_cast<const T*>(t.ptr) + i);
+  BNK_UNROLL
+  for (int j = 0; j < VEC; ++j) out[j] = to_acc(p.v[j]);
+}
+
+template <typename T, int VEC, typename Acc>
+BNK_DEVICE void store_vec(const BnkTensor& t, int64_t i, const Acc (&in)[VEC]) {
+  Pack<T, VEC> p;
+  BNK_UNROLL
+  for (int j = 0; j < VEC; ++j) p.v[j] = from_acc<T>(in[j]);
+  *reinterpret_cast<Pack<T, VEC>*>(static_cast<T*>(t.ptr) + i) = p;
 }

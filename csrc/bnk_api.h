@@ -73,6 +73,12 @@ typedef struct {
   // (C,) dense, NULL: not wanted.
   void* grad_out[2];
   int32_t grad_dtype[2];
+  // Elements per vector (csrc/bn_kernels.cuh): 1, or 16 / sizeof(element) where every
+  // element tensor's vectors are whole and 16-byte aligned along the contiguous axis:
+  // channels_last, C and every tensor's sN and sS multiples of it and sC == 1; NCHW, S
+  // and rows_per_split multiples of it, every sN and sC too and sS == 1. With channels_fast
+  // block_c is a multiple of it.
+  int32_t vec;
 } BnkCall;
 
 #define BNK_MAX_THREADS 256

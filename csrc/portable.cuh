@@ -15,6 +15,7 @@
 #define BNK_DEVICE inline
 #define BNK_SHARED static  // one block at a time: a static is that block's shared memory
 #define BNK_LAUNCH_BOUNDS
+#define BNK_UNROLL _Pragma("GCC unroll 32")
 using bnk_emu::blockDim;
 using bnk_emu::blockIdx;
 using bnk_emu::gridDim;
@@ -28,7 +29,10 @@ inline void bnk_sync() { bnk_emu::syncthreads(); }
 #define BNK_GLOBAL __global__
 #define BNK_DEVICE __device__ __forceinline__
 #define BNK_SHARED __shared__
-#define BNK_LAUNCH_BOUNDS __launch_bounds__(BNK_MAX_THREADS)
+// (, 1: at least one block per SM, no more asked; with the block size alone ptxas aims
+// for full occupancy, caps a kernel at 32 registers and spills)
+#define BNK_LAUNCH_BOUNDS __launch_bounds__(BNK_MAX_THREADS, 1)
+#define BNK_UNROLL _Pragma("unroll")
 __device__ __forceinline__ void bnk_sync() { __syncthreads(); }
 // cudaGetLastError after the launch: a launch error, not the kernel's (no host sync).
 #define BNK_LAUNCH(kernel, grid, block, stream, ...) \

@@ -213,7 +213,9 @@ def test_prebuilt_library_is_used_only_when_current(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc is not installed")
 def test_setup_builds_for_sm80_sm90_and_ptx(tmp_path):
-    command = " ".join(cuda_build.gpu_command(tmp_path / "x.so", cuda_build.SETUP_ARCHS, ptx=True))
+    build = cuda_build.gpu_build(cuda_build.SETUP_ARCHS, ptx=True)
+    command = " ".join(build.compile(cuda_build.translation_units()[0], tmp_path / "x.o")
+                       + build.link([tmp_path / "x.o"], tmp_path / "x.so"))
     for target in ("arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90",
                    "arch=compute_90,code=compute_90"):
         assert target in command

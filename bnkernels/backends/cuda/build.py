@@ -4,7 +4,9 @@ The sources: csrc/ at the top of a checkout, or bnkernels/backends/cuda/csrc/ in
 installed package (setup.py ships them there, so that a wheel built without nvcc can still
 compile the backend on first use once nvcc is installed).
 
-Two builds of the same source (csrc/batch_norm.cu and its headers):
+Two builds of the same source (csrc/*.cu, each a translation unit: batch_norm.cu, the C
+ABI, and kernels_<type>.cu, one element type's kernels; compiled side by side, one
+process per core, then linked):
 
   GPU        nvcc, for one architecture ("90": sm_90) or several (setup.py: sm_80 and
              sm_90, plus compute_90 PTX for newer GPUs). Plain CUDA C++ with the static
@@ -22,6 +24,7 @@ library into the package (PREBUILT) when nvcc is present.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import hashlib
 import os
@@ -30,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 PACKAGE = Path(__file__).resolve().parent  # bnkernels/backends/cuda
 CHECKOUT_CSRC = PACKAGE.parents[2] / "csrc"  # a checkout's (and an editable install's)
@@ -40,8 +43,9 @@ LIB_NAME = "libbnkernels_cuda.so"
 PREBUILT = PACKAGE / "_lib" / LIB_NAME
 PREBUILT_DIGEST = PREBUILT.with_suffix(".digest")
 SETUP_ARCHS = ("80", "90")  # setup.py's build; sm_80 code also runs on sm_86/sm_89
-NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC", "-shared")
-HOST_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-DBNK_EMULATE", "-x", "c++")
+NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC")  # a unit's compile
+# (-O1: the emulation runs the tests' small tensors; -O2 took twice as long to build)
+HOST_FLAGS = ("-O1", "-std=c++17", "-fPIC", "-DBNK_EMULATE", "-x", "c++")
 
 
 class BuildError(RuntimeError):
@@ -102,15 +106,22 @@ def gencode_flags(archs: Sequence[str], ptx: bool) -> List[str]:
     return flags
 
 
-def gpu_command(out: Path, archs: Sequence[str], ptx: bool = False) -> List[str]:
+class Build(NamedTuple):
+    """How each translation unit compiles to an object, and the objects link."""
+    compile: Callable[[Path, Path], List[str]]  # (unit, object) -> argv
+    link: Callable[[List[Path], Path], List[str]]  # (objects, library) -> argv
+
+
+def gpu_build(archs: Sequence[str], ptx: bool = False) -> Build:
     nvcc = find_nvcc()
     if nvcc is None:
         raise BuildError("nvcc not found: install the CUDA toolkit (or set BNKERNELS_NVCC or "
                          "CUDA_HOME, or put nvcc on PATH); the next BNKERNELS_BACKEND=cuda "
                          "call then builds the library, or build it ahead of time with "
                          "`python -m bnkernels.backends.cuda --arch <major><minor>`")
-    return [nvcc, *NVCC_FLAGS, *gencode_flags(archs, ptx), "-o", str(out),
-            *map(str, translation_units())]
+    gencode = gencode_flags(archs, ptx)
+    return Build(lambda unit, obj: [nvcc, "-c", *NVCC_FLAGS, *gencode, "-o", str(obj), str(unit)],
+                 lambda objs, out: [nvcc, "-shared", *gencode, "-o", str(out), *map(str, objs)])
 
 
 def host_compiler() -> str:
@@ -120,36 +131,42 @@ def host_compiler() -> str:
     return compiler
 
 
-def emulation_command(out: Path) -> List[str]:
+def emulation_build(extra_flags: Sequence[str] = ()) -> Build:
     include = cuda_include_dir()
     if include is None:
         raise BuildError("the CUDA headers (cuda_fp16.h) were not found: set CUDA_HOME")
-    return [host_compiler(), *HOST_FLAGS, f"-I{include}", "-o", str(out),
-            *map(str, translation_units())]
+    cxx = host_compiler()
+    return Build(lambda unit, obj: [cxx, "-c", *HOST_FLAGS, *extra_flags, f"-I{include}", "-o",
+                                    str(obj), str(unit)],
+                 lambda objs, out: [cxx, "-shared", "-o", str(out), *map(str, objs)])
 
 
-def compile_to(out: Path, command: Callable[[Path], List[str]]) -> Path:
-    """Builds command(path) into a temporary path, then moves it to out in one step:
-    concurrent builds (pytest workers) never load a partial file."""
+def _run(argv: List[str]) -> None:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as error:  # the compiler named is not there
+        raise BuildError(f"{argv[0]} could not be run: {error}") from None
+    if done.returncode != 0:
+        raise BuildError(f"{Path(argv[0]).name} failed ({done.returncode}):\n"
+                         f"{(done.stderr or done.stdout)[-4000:]}")
+
+
+def compile_to(out: Path, build: Build) -> Path:
+    """Compiles every translation unit (one process per core), links them into a
+    temporary path, then moves it to out in one step: concurrent builds (pytest workers)
+    never load a partial file."""
     if source_digest() is None:
         raise BuildError(f"the csrc/ sources are not beside the package ({CSRC})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        argv = command(Path(tmp))
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True)
-        except OSError as error:  # the compiler named is not there
-            raise BuildError(f"{argv[0]} could not be run: {error}") from None
-        if done.returncode != 0:
-            raise BuildError(f"{Path(argv[0]).name} failed ({done.returncode}):\n"
-                             f"{(done.stderr or done.stdout)[-4000:]}")
-        os.chmod(tmp, 0o755)  # mkstemp made it private to this user
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        units = translation_units()
+        objects = [Path(tmp) / f"{unit.stem}.o" for unit in units]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(lambda pair: _run(build.compile(*pair)), zip(units, objects)))
+        library = Path(tmp) / LIB_NAME
+        _run(build.link(objects, library))
+        os.chmod(library, 0o755)
+        os.replace(library, out)
     return out
 
 
@@ -181,15 +198,15 @@ def build_cached(kind: str) -> Path:
     path = cached_path(kind)
     if not path.exists():
         if kind == "emulate":
-            compile_to(path, emulation_command)
+            compile_to(path, emulation_build())
         else:
-            compile_to(path, lambda out: gpu_command(out, [kind]))
+            compile_to(path, gpu_build([kind]))
     return path
 
 
 def build_prebuilt() -> Path:
     """setup.py: every SETUP_ARCHS, plus PTX, into bnkernels/_lib/ with its digest."""
-    compile_to(PREBUILT, lambda out: gpu_command(out, SETUP_ARCHS, ptx=True))
+    compile_to(PREBUILT, gpu_build(SETUP_ARCHS, ptx=True))
     PREBUILT_DIGEST.write_text(source_digest() + "\n")
     return PREBUILT
 

@@ -23,31 +23,43 @@ _DTYPE_FIELDS = {"weight": "weight_dtype", "bias": "bias_dtype", "mean": "stat_d
 
 
 class Launch:
-    """One BnkCall over x: shapes, plan, stream; tensors are added by role."""
+    """One BnkCall over x: shapes, plan, stream; tensors are added by role. The plan (and
+    the vector width it depends on) is made once every element tensor is in: plan()."""
 
     def __init__(self, x: torch.Tensor, eps: float, activation: int, training: bool):
         self.device = x.device
         self.acc = acc_dtype(x.dtype)
-        n, c, s = ncs_shape(x)
+        n, c, s = self.shape = ncs_shape(x)
         sn, sc, ss = ncs_strides(x)
-        channels_fast = sc == 1 and c > 1
-        plan = block_plan(n, c, s, channels_fast, x.device)
+        self.channels_fast = sc == 1 and c > 1
         k = self.k = BnkCall()
         k.n, k.c, k.s = n, c, s
         k.x.ptr, k.x.sn, k.x.sc, k.x.ss = x.data_ptr(), sn, sc, ss
         k.dtype = DTYPE_CODES[x.dtype]
         k.eps, k.activation, k.training = eps, activation, training
         k.count = n * s  # the values each sum of the three-path dx is over
-        k.channels_fast = channels_fast
-        k.threads, k.block_c, k.splits, k.rows_per_split = plan
+        k.channels_fast = self.channels_fast
         self.keep = [x]  # every tensor the call points into lives until it returns
-        if plan.splits > 1:
-            # forward: (K, mean, var, sum) per split and channel; backward: (sum g, sum g*xhat)
-            k.workspace = self._keep(torch.empty(4 * plan.splits * c, dtype=self.acc,
-                                                 device=x.device))
+        self.elements = [x]  # the element tensors, whose vectors the kernels read
+        self._plan = None
         if x.device.type == "cuda":
             k.device = x.device.index if x.device.index is not None else torch.cuda.current_device()
             k.stream = torch.cuda.current_stream(x.device).cuda_stream
+
+    def plan(self):
+        """The call's BlockPlan, made (and written into the BnkCall) on first use."""
+        if self._plan is None:
+            n, c, s = self.shape
+            vec = vector_width(self.elements, n, c, s, self.channels_fast)
+            plan = self._plan = block_plan(n, c, s, self.channels_fast, self.device, vec)
+            k = self.k
+            k.threads, k.block_c, k.splits, k.rows_per_split, k.vec = plan
+            if plan.splits > 1:
+                # forward: (K, mean, var, sum) per split and channel; backward: (sum g,
+                # sum g*xhat)
+                k.workspace = self._keep(torch.empty(4 * plan.splits * c, dtype=self.acc,
+                                                     device=self.device))
+        return self._plan
 
     def _keep(self, t: torch.Tensor) -> int:
         self.keep.append(t)
@@ -60,6 +72,7 @@ class Launch:
         field = getattr(self.k, role)
         field.ptr = self._keep(t)
         field.sn, field.sc, field.ss = ncs_strides(t)
+        self.elements.append(t)
 
     def vector(self, role: str, t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None):
         """A (C,) vector; the kernels index it densely. dtype: convert to it first."""
@@ -84,7 +97,8 @@ class Launch:
         if update is None:
             return True
         k = self.k
-        if (update.momentum is None and k.splits == 1) or update.var.dtype != update.mean.dtype:
+        if (update.momentum is None and self.plan().splits == 1) or \
+                update.var.dtype != update.mean.dtype:
             return False
         k.running_mean, k.running_var = self._keep(update.mean), self._keep(update.var)
         k.running_sm, k.running_sv = update.mean.stride(0), update.var.stride(0)
@@ -107,11 +121,30 @@ class Launch:
             self.k.stats_out[i] = None if t is None else self._keep(t)
 
     def run(self, entry: str) -> None:
+        self.plan()
         lib = cuda_library.library(self.device)
         err = getattr(lib, entry)(ctypes.byref(self.k))
         if err:
             raise RuntimeError(f"bnkernels CUDA backend: {entry} failed: "
                                f"{lib.bnk_error_string(err).decode()}")
+
+
+def vector_width(tensors, n: int, c: int, s: int, channels_fast: bool) -> int:
+    """Elements per vector of the call (csrc/bnk_api.h): 16 bytes of the element type
+    where every element tensor's vectors along the contiguous axis are whole and 16-byte
+    aligned, else 1. channels_last: C a multiple of it, every tensor with sC == 1 and sN,
+    sS multiples of it; NCHW: S a multiple of it, sS == 1 and sN, sC multiples of it (a
+    stride of a dim of size 1 is never used)."""
+    vec = 16 // tensors[0].element_size()
+    if (c if channels_fast else s) % vec:
+        return 1
+    for t in tensors:
+        sn, sc, ss = ncs_strides(t)
+        fast, others = (sc, (sn, ss)) if channels_fast else (ss, (sn, sc))
+        used = (n > 1, s > 1) if channels_fast else (n > 1, c > 1)
+        if t.data_ptr() % 16 or fast != 1 or any(u and o % vec for u, o in zip(used, others)):
+            return 1
+    return vec
 
 
 def forward(call: ForwardCall) -> None:

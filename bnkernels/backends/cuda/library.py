@@ -52,6 +52,7 @@ class BnkCall(ctypes.Structure):
         ("running_sv", ctypes.c_int64), ("momentum", ctypes.c_double),
         ("running_dtype", ctypes.c_int32), ("cumulative", ctypes.c_int32),
         ("grad_out", ctypes.c_void_p * 2), ("grad_dtype", ctypes.c_int32 * 2),
+        ("vec", ctypes.c_int32),
     ]
 
 
