@@ -101,3 +101,29 @@ def test_static_check_refuses_the_interpreter():
     done = subprocess.run([sys.executable, str(BENCH / "static_check.py"), "--quick"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2 and "without TRITON_INTERPRET" in done.stdout
+
+
+@pytest.mark.skipif(__import__("shutil").which("c++filt") is None or
+                    __import__("bnkernels.backends.cuda.build", fromlist=["x"]).find_nvcc()
+                    is None, reason="needs nvcc and c++filt")
+def test_static_check_of_csrc_quick(tmp_path):
+    """bench/static_check_csrc.py --quick: csrc/'s kernels as nvcc compiles them, read with
+    the same reader and model: the large shapes take 128-bit vectors in every hot loop,
+    with no division and no spill, estimated within 1.5x the floor (issue 18's bar)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(BENCH / "static_check_csrc.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(tmp_path / "csrc_sm90.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["pass"] for r in rows} == set(static_check.PASSES)
+    for r in rows:
+        assert int(r["spills"]) == 0
+        large = int(r["N"]) * int(r["C"]) * int(r["H"]) * int(r["W"]) * 2 >= 16e6
+        if large and r["kernel"] != "merge":
+            assert int(r["vec"]) == 8 and int(r["access_bits"]) == 128, r
+            assert float(r["idiv_per_elem"]) == 0, r
+        if large and r["kernel"] == "all":
+            assert float(r["est_ratio"]) <= 1.5, r
+    assert (tmp_path / "summary_csrc_sm90.md").read_text().startswith("# Static check of csrc/")
