@@ -9,7 +9,8 @@ float32, NCHW and channels_last (nhwc), the launches batch_norm.cu makes (reduce
 apply: the large shapes always split), each the kernel instantiation it dispatches to,
 with the block plan and vector width the launcher gives (backends/cuda: block_plan,
 vector_width) on an H100 (132 SMs). Columns as static_check.py's, plus `vec` (elements per
-vector); the hot loop is each kernel's first loop that loads (the forward reduce's groups
+vector) and `kernel_layout` (rows, channels or channel blocks: csrc/bnk_api.h); the hot
+loop is each kernel's first loop that loads (the forward reduce's groups
 of 4 vectors, the backward reduce's, the apply's; after them come the one-block path's
 and the folds'). The merge's time is its chain at one instruction per clock: its loops once per
 split a thread takes, and its end. Rows go to DIR/csrc_sm<arch>.csv and a summary to
@@ -35,10 +36,12 @@ from bench_bn import QUICK_SHAPES, RESNET50_SHAPES  # noqa: E402
 from static_check import (BANDWIDTH, CLOCK_HZ, DTYPES, INFLIGHT_KB, ISSUE_PER_SM, PASSES, SMS,  # noqa: E402
                           read_loops, resident_programs)
 
-COLUMNS = ["kernel", "pass", "dtype", "layout", "N", "C", "H", "W", "vec", "access_bits",
+COLUMNS = ["kernel", "pass", "dtype", "layout", "N", "C", "H", "W", "vec", "kernel_layout",
+           "access_bits",
            "idiv_per_elem", "rcp_per_elem", "regs", "spills", "instr_per_elem", "mbytes",
            "est_ratio", "inflight_kb"]
 _T = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
+_LAYOUTS = {0: "rows", 1: "channels", 2: "blocks"}  # csrc/bnk_api.h's BNK_*
 # bnk_api.h's activation codes
 _RELU, _IDENTITY = 1, 0
 # Each pass: its launches as (kernel, ACT, RES, Y, element tensors moved), batch_norm.cu's
@@ -105,12 +108,12 @@ def _demangle(name: str) -> str:
                           check=True).stdout.strip()
 
 
-def _instantiation(kernel: str, dtype, vec: int, fast: bool, act, res, y) -> str:
+def _instantiation(kernel: str, dtype, vec: int, layout: int, act, res, y) -> str:
     t = _T[dtype]
     b = lambda v: "true" if v else "false"  # noqa: E731
     if kernel == "merge":
         return f"void merge_kernel<{t}>(BnkCall, int)"
-    args = [t, str(vec), b(fast)]
+    args = [t, str(vec), str(layout)]
     if kernel in ("apply_normalize", "reduce_grads", "apply_input_grad"):
         args += [str(act), b(res)]
     if kernel in ("reduce_grads", "apply_input_grad"):
@@ -119,20 +122,26 @@ def _instantiation(kernel: str, dtype, vec: int, fast: bool, act, res, y) -> str
 
 
 def _plan(n, c, s, dtype, fast):
-    """The block plan and vector width the launcher gives dense tensors of this shape."""
+    """The block plan the launcher gives dense tensors of this shape (launch.Launch.plan:
+    its vector width and layout)."""
     from bnkernels.backends.cuda import launch as cuda_launch
     from bnkernels.backends.cuda import plan as cuda_plan
     shape = (n, c, s)
     x = torch.empty(shape, dtype=dtype)
     if fast:
         x = x.permute(0, 2, 1).contiguous().permute(0, 2, 1)
-    vec = cuda_launch.vector_width([x], n, c, s, fast)
     cuda_plan.sm_count = lambda index: SMS
-    return cuda_plan.block_plan(n, c, s, fast, torch.device("cuda", 0), vec), vec
+    gpu = torch.device("cuda", 0)
+    vec = cuda_launch.vector_width([x], n, c, s, fast)
+    if vec == 1 and not fast and cuda_launch.channel_blocks_fit([x], n, c, s):
+        plan = cuda_plan.channel_block_plan(n, c, s, gpu, 16 // x.element_size())
+        if plan is not None:
+            return plan
+    return cuda_plan.block_plan(n, c, s, fast, gpu, vec)
 
 
-def _row(kernel, read, plan, vec, fast, numel, esize, tensors, c) -> dict:
-    threads = plan.threads
+def _row(kernel, read, plan, numel, esize, tensors, c) -> dict:
+    threads, vec = plan.threads, plan.vec
     grid = -(-c // plan.block_c) * plan.splits
     if kernel == "merge":
         lanes = 1
@@ -147,7 +156,8 @@ def _row(kernel, read, plan, vec, fast, numel, esize, tensors, c) -> dict:
         # nothing)
         hot = next(loop for loop in read["loops"] if loop["load_bytes"])
         # elements a thread takes per iteration of its hot loop: 4 vectors (the forward
-        # reduce's groups; the others' APPLY_UNROLL where the vectors are 128 bits wide)
+        # reduce's groups, of 4 samples in channel blocks; the others' APPLY_UNROLL
+        # where the vectors are 128 bits wide)
         per_iteration = 4 * vec if kernel == "reduce_stats" or vec > 1 else 1
         nbytes = tensors * numel * esize
         warp_instructions = (numel / per_iteration / 32 * hot["loop_instructions"]
@@ -156,7 +166,8 @@ def _row(kernel, read, plan, vec, fast, numel, esize, tensors, c) -> dict:
         load_bytes = hot["load_bytes"]
     t_floor = nbytes / BANDWIDTH
     resident = resident_programs(read["regs"], threads, read["shared"], grid)
-    return {"kernel": kernel, "vec": vec, "access_bits": hot["access_bits"],
+    return {"kernel": kernel, "vec": vec, "kernel_layout": _LAYOUTS[plan.layout],
+            "access_bits": hot["access_bits"],
             "idiv_per_elem": hot["idiv"] / per_iteration, "rcp_per_elem": hot["rcp"] / per_iteration,
             "regs": read["regs"], "spills": read["spills"],
             "instr_per_elem": hot["loop_instructions"] / per_iteration,
@@ -168,7 +179,7 @@ def _row(kernel, read, plan, vec, fast, numel, esize, tensors, c) -> dict:
 def _total(rows) -> dict:
     time, floor = sum(r["_time"] for r in rows), sum(r["_floor"] for r in rows)
     streaming = [r for r in rows if r["kernel"] != "merge"]
-    return {"kernel": "all", "vec": rows[0]["vec"],
+    return {"kernel": "all", "vec": rows[0]["vec"], "kernel_layout": rows[0]["kernel_layout"],
             "access_bits": min(r["access_bits"] for r in streaming),
             "idiv_per_elem": sum(r["idiv_per_elem"] for r in streaming),
             "rcp_per_elem": sum(r["rcp_per_elem"] for r in streaming),
@@ -189,13 +200,14 @@ def run(arch: int, quick: bool) -> list:
                 dtype = DTYPES[dname]
                 for layout in ("nchw", "nhwc"):
                     fast = layout == "nhwc"
-                    plan, vec = _plan(n, c, h * w, dtype, fast)
+                    plan = _plan(n, c, h * w, dtype, fast)
                     for name in PASSES:
                         rows = []
                         for kernel, act, res, y, tensors in _LAUNCHES[name]:
-                            inst = _instantiation(kernel, dtype, vec, fast, act, res, y)
-                            rows.append(_row(kernel, reads[inst], plan, vec, fast,
-                                             n * c * h * w, dtype.itemsize, tensors, c))
+                            inst = _instantiation(kernel, dtype, plan.vec, plan.layout, act, res,
+                                                  y)
+                            rows.append(_row(kernel, reads[inst], plan, n * c * h * w,
+                                             dtype.itemsize, tensors, c))
                         for row in rows + [_total(rows)]:
                             table.append({**{k: v for k, v in row.items()
                                              if not k.startswith("_")},

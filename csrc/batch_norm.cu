@@ -45,15 +45,22 @@ int elements_per_16_bytes(int dtype) {
 bool valid(const BnkCall& k, bool forward) {
   if (k.n <= 0 || k.c <= 0 || k.s <= 0 || !k.x.ptr) return false;
   if (k.vec != 1 && k.vec != elements_per_16_bytes(k.dtype)) return false;  // (0: unset)
-  const int64_t channel_lanes = k.channels_fast ? k.block_c / k.vec : k.block_c;
-  if (!is_pow2(k.threads) || k.threads > BNK_MAX_THREADS || !is_pow2(k.block_c) ||
-      channel_lanes < 1 || k.threads % channel_lanes != 0)
-    return false;
-  if (k.vec > 1 && (k.channels_fast ? (k.block_c % k.vec != 0 || k.c % k.vec != 0)
-                                    : (k.s % k.vec != 0 || k.rows_per_split % k.vec != 0)))
-    return false;
+  if (k.layout != BNK_ROWS && k.layout != BNK_CHANNELS && k.layout != BNK_BLOCKS) return false;
+  if (!is_pow2(k.threads) || k.threads > BNK_MAX_THREADS) return false;
+  if (k.layout == BNK_BLOCKS) {  // a vector per thread of a span of whole channels
+    if (k.vec == 1 || k.block_c < 1 || k.c % k.block_c != 0 || k.s < k.vec ||
+        (k.block_c * k.s) % k.vec != 0 || k.block_c * k.s > k.threads * k.vec)
+      return false;
+  } else {
+    const int64_t channel_lanes = k.layout == BNK_CHANNELS ? k.block_c / k.vec : k.block_c;
+    if (!is_pow2(k.block_c) || channel_lanes < 1 || k.threads % channel_lanes != 0) return false;
+    if (k.vec > 1 && (k.layout == BNK_CHANNELS ? (k.block_c % k.vec != 0 || k.c % k.vec != 0)
+                                                : (k.s % k.vec != 0 || k.rows_per_split % k.vec != 0)))
+      return false;
+  }
+  const int64_t units = k.layout == BNK_BLOCKS ? k.n : k.n * k.s;  // what a split counts
   if (k.splits < 1 || k.splits > 65535 || k.rows_per_split < 1 ||
-      k.rows_per_split * k.splits < k.n * k.s || (k.splits > 1 && !k.workspace))
+      k.rows_per_split * k.splits < units || (k.splits > 1 && !k.workspace))
     return false;
   if (!k.mean != !k.rstd_or_var) return false;
   if (k.running_mean || k.running_var || k.num_batches_tracked) {
@@ -147,7 +154,7 @@ int bnk_call_offsets(int64_t* out, int capacity) {
       BNK_FIELD(workspace),      BNK_FIELD(eps),         BNK_FIELD(count),
       BNK_FIELD(dtype),          BNK_FIELD(weight_dtype), BNK_FIELD(bias_dtype),
       BNK_FIELD(stat_dtype),     BNK_FIELD(activation),  BNK_FIELD(training),
-      BNK_FIELD(given_var),      BNK_FIELD(channels_fast),
+      BNK_FIELD(given_var),      BNK_FIELD(layout),
       BNK_FIELD(threads),        BNK_FIELD(block_c),     BNK_FIELD(splits),
       BNK_FIELD(device),         BNK_FIELD(rows_per_split), BNK_FIELD(stream),
       BNK_FIELD(running_mean),   BNK_FIELD(running_var), BNK_FIELD(num_batches_tracked),

@@ -153,18 +153,36 @@ template <typename Acc> struct State {
   Acc k, mean, var, err, n, sum;
 };
 
-// The state after it takes M values x (M a power of two: every 1/M exact), one step of
-// Chan's combine with their own mean g and variance q (of x - K), exactly from them:
-//   g = sum v / M,  q = sum ((v - g) * h)^2 / (M * h^2),  v = x - K,  w = M / n
+// One step of a Welford state (docs/math.md): it takes m values whose own mean is g and
+// variance q (of x - K), a share w = m / n of its values after the step (Chan's combine):
 //   d = g - mean;  mean += d * w
 //   (var, err) = TwoSum(var, (w * q + (d * w) * (g - mean) - var * w) + err)
 //   (where that sum is not finite, an overflow or a NaN: var = var * (1 - w) + t, err = 0)
 //   (K, mean) = TwoSum(K, mean)
-// h, a power of two near 1 / sqrt(M), keeps the sum of squares from overflowing before q
-// would (|x| up to ~1.8e19); the step's terms are bounded by a squared half-range.
+// Its terms are bounded by a squared half-range: no overflow before the data's own.
+template <typename Acc> BNK_DEVICE void state_step(State<Acc>& st, Acc g, Acc q, Acc m, Acc sum_x) {
+  st.n += m;
+  const Acc w = loop_div(m, st.n);
+  const Acc d = g - st.mean, dw = d * w, stepped = st.mean + dw;
+  const Acc t = w * q + dw * (g - stepped);
+  Acc e;
+  const Acc summed = two_sum(st.var, (t - st.var * w) + st.err, e);
+  const bool finite = fabs(summed) < Acc(INFINITY);
+  st.var = finite ? summed : st.var * (Acc(1) - w) + t;
+  st.err = finite ? e : Acc(0);
+  st.k = two_sum(st.k, stepped, st.mean);
+  st.sum += sum_x;
+}
+
+// 1 / a power of two near sqrt(M): the scale h of take_values' squares, (v - g) * h,
+// which keeps their sum from overflowing before q would (|x| up to ~1.8e19).
+template <int M> constexpr double SQUARE_SCALE = M >= 32 ? 0.125 : (M >= 8 ? 0.25 : 0.5);
+
+// The state takes M values x (M a power of two: every 1/M exact): their own mean g and
+// variance q, exactly from them, then state_step:
+//   g = sum v / M,  q = sum ((v - g) * h)^2 / (M * h^2),  v = x - K
 template <int M, typename Acc> BNK_DEVICE void take_values(State<Acc>& st, const Acc* x) {
-  constexpr double h_ = M >= 32 ? 0.125 : (M >= 8 ? 0.25 : 0.5);
-  const Acc h = static_cast<Acc>(h_);
+  const Acc h = static_cast<Acc>(SQUARE_SCALE<M>);
   Acc v[M], sum_v = 0, sum_x = 0;
   BNK_UNROLL
   for (int j = 0; j < M; ++j) {
@@ -179,18 +197,38 @@ template <int M, typename Acc> BNK_DEVICE void take_values(State<Acc>& st, const
     const Acc dev = v[j] * h - gh;  // (v - g) * h, one rounding: v * h and g * h are exact
     q += dev * dev;
   }
-  q *= Acc(1.0 / (M * h_ * h_));
-  st.n += Acc(M);
-  const Acc w = loop_div(Acc(M), st.n);
-  const Acc d = g - st.mean, dw = d * w, stepped = st.mean + dw;
-  const Acc t = w * q + dw * (g - stepped);
-  Acc e;
-  const Acc summed = two_sum(st.var, (t - st.var * w) + st.err, e);
-  const bool finite = fabs(summed) < Acc(INFINITY);
-  st.var = finite ? summed : st.var * (Acc(1) - w) + t;
-  st.err = finite ? e : Acc(0);
-  st.k = two_sum(st.k, stepped, st.mean);
-  st.sum += sum_x;
+  state_step(st, g, q * Acc(1.0 / (M * SQUARE_SCALE<M> * SQUARE_SCALE<M>)), Acc(M), sum_x);
+}
+
+// take_values for the values at positions [lo, hi) of each of G rows of VEC (a channel
+// block's vector part: hi - lo values a row, inv = 1 / their number, G * (hi - lo)).
+template <int G, int VEC, typename Acc>
+BNK_DEVICE void take_part(State<Acc>& st, const Acc (&x)[G][VEC], int lo, int hi, Acc inv) {
+  if (hi <= lo) return;
+  const Acc h = static_cast<Acc>(SQUARE_SCALE<G * VEC>);
+  Acc v[G][VEC], sum_v = 0, sum_x = 0;
+  BNK_UNROLL
+  for (int g = 0; g < G; ++g) {
+    BNK_UNROLL
+    for (int j = 0; j < VEC; ++j) {
+      const bool in = j >= lo && j < hi;
+      v[g][j] = x[g][j] - st.k;
+      sum_v += in ? v[g][j] : Acc(0);
+      sum_x += in ? x[g][j] : Acc(0);
+    }
+  }
+  const Acc mean = sum_v * inv, gh = mean * h;
+  Acc q = 0;
+  BNK_UNROLL
+  for (int g = 0; g < G; ++g) {
+    BNK_UNROLL
+    for (int j = 0; j < VEC; ++j) {
+      const Acc dev = v[g][j] * h - gh;
+      q += (j >= lo && j < hi) ? dev * dev : Acc(0);
+    }
+  }
+  state_step(st, mean, q * (inv * Acc(1.0 / (SQUARE_SCALE<G * VEC> * SQUARE_SCALE<G * VEC>))),
+             Acc(G * (hi - lo)), sum_x);
 }
 
 // Walks the rows r = r0, r0 + step, ... of a channel (r = n * S + s) keeping (n, s), so

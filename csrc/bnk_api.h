@@ -12,6 +12,16 @@ extern "C" {
 // Element types (BnkCall.dtype, and the dtype of each per-channel vector).
 enum { BNK_F32 = 0, BNK_F16 = 1, BNK_BF16 = 2, BNK_F64 = 3 };
 
+// How a block's threads lie over a tensor (BnkCall.layout; csrc/bn_kernels.cuh):
+//   BNK_ROWS      NCHW: neighbouring threads on neighbouring rows r = n * S + s of a channel;
+//   BNK_CHANNELS  channels_last: neighbouring threads on neighbouring channels of a row;
+//   BNK_BLOCKS    NCHW with S no multiple of the vector (7 x 7, 14 x 14): a block takes
+//                 block_c channels whose S values lie contiguous in each sample (sC == S,
+//                 sS == 1), its threads one vector of that span each (a vector may cross
+//                 from one channel into the next), and loops over the samples;
+//                 rows_per_split counts samples.
+enum { BNK_ROWS = 0, BNK_CHANNELS = 1, BNK_BLOCKS = 2 };
+
 // Fused activations (BnkCall.activation): bnkernels/activations.py's codes, checked against
 // bnk_activation_name when the library loads.
 enum { BNK_ACT_IDENTITY = 0, BNK_ACT_RELU = 1, BNK_ACT_SILU = 2, BNK_ACT_GELU = 3 };
@@ -46,7 +56,7 @@ typedef struct {
   int32_t activation;     // 0 identity, 1 relu, 2 silu, 3 gelu (erf)
   int32_t training;       // forward: batch statistics; backward: the three-path dx
   int32_t given_var;      // rstd_or_var is a variance: rstd = 1 / sqrt(var + eps)
-  int32_t channels_fast;  // neighbouring threads take neighbouring channels (channels_last)
+  int32_t layout;         // BNK_ROWS, BNK_CHANNELS or BNK_BLOCKS (below)
   int32_t threads;        // per block, a power of two <= BNK_MAX_THREADS
   int32_t block_c;        // channels per block, a power of two dividing threads
   int32_t splits;         // blocks sharing a channel block, rows_per_split rows each
@@ -75,9 +85,10 @@ typedef struct {
   int32_t grad_dtype[2];
   // Elements per vector (csrc/bn_kernels.cuh): 1, or 16 / sizeof(element) where every
   // element tensor's vectors are whole and 16-byte aligned along the contiguous axis:
-  // channels_last, C and every tensor's sN and sS multiples of it and sC == 1; NCHW, S
-  // and rows_per_split multiples of it, every sN and sC too and sS == 1. With channels_fast
-  // block_c is a multiple of it.
+  // BNK_CHANNELS, C and every tensor's sN and sS multiples of it and sC == 1 (block_c a
+  // multiple of it); BNK_ROWS, S and rows_per_split multiples of it, every sN and sC too
+  // and sS == 1; BNK_BLOCKS (always a 128-bit vector), block_c * S a multiple of it and
+  // no more than threads * vec, S no less than it, every sN a multiple of it.
   int32_t vec;
 } BnkCall;
 

@@ -38,12 +38,17 @@ dim3 merge_grid_of(const BnkCall& k) {
 template <int V> using Int = std::integral_constant<int, V>;
 template <bool B> using Bool = std::integral_constant<bool, B>;
 
-// run(Int<VEC>, Bool<FAST>) for the call's vector width (k.vec: 1, or a 128-bit vector of
-// T) and layout.
+// run(Int<VEC>, Int<LAYOUT>) for the call's vector width (k.vec: 1, or a 128-bit vector
+// of T) and layout (channel blocks take vectors only).
 template <typename T, typename Run> int with_vectors(const BnkCall& k, Run run) {
   constexpr int V = 16 / sizeof(T);
-  if (k.vec > 1) return k.channels_fast ? run(Int<V>(), Bool<true>()) : run(Int<V>(), Bool<false>());
-  return k.channels_fast ? run(Int<1>(), Bool<true>()) : run(Int<1>(), Bool<false>());
+  if (k.layout == BNK_BLOCKS) return run(Int<V>(), Int<BNK_BLOCKS>());
+  if (k.vec > 1) {
+    return k.layout == BNK_CHANNELS ? run(Int<V>(), Int<BNK_CHANNELS>())
+                                    : run(Int<V>(), Int<BNK_ROWS>());
+  }
+  return k.layout == BNK_CHANNELS ? run(Int<1>(), Int<BNK_CHANNELS>())
+                                  : run(Int<1>(), Int<BNK_ROWS>());
 }
 
 // run(Int<ACT>, Bool<RES>) for the forward's epilogue.
@@ -79,9 +84,9 @@ template <typename Run> int with_backward_epilogue(const BnkCall& k, Run run) {
 
 template <typename T> int launch_normalize(const BnkCall& k) {
   ++bnk_launches[LAUNCH_APPLY];
-  return with_vectors<T>(k, [&](auto vec, auto fast) {
+  return with_vectors<T>(k, [&](auto vec, auto layout) {
     return with_forward_epilogue(k, [&](auto act, auto res) {
-      return BNK_LAUNCH((apply_normalize_kernel<T, vec.value, fast.value, act.value, res.value>),
+      return BNK_LAUNCH((apply_normalize_kernel<T, vec.value, layout.value, act.value, res.value>),
                         grid_of(k), dim3(k.threads), k.stream, k);
     });
   });
@@ -89,10 +94,10 @@ template <typename T> int launch_normalize(const BnkCall& k) {
 
 template <typename T> int launch_input_grad(const BnkCall& k) {
   ++bnk_launches[LAUNCH_APPLY];
-  return with_vectors<T>(k, [&](auto vec, auto fast) {
+  return with_vectors<T>(k, [&](auto vec, auto layout) {
     return with_backward_epilogue(k, [&](auto act, auto res, auto y) {
       return BNK_LAUNCH(
-          (apply_input_grad_kernel<T, vec.value, fast.value, act.value, res.value, y.value>),
+          (apply_input_grad_kernel<T, vec.value, layout.value, act.value, res.value, y.value>),
           grid_of(k), dim3(k.threads), k.stream, k);
     });
   });
@@ -107,8 +112,8 @@ template <typename T> int launch_merge(const BnkCall& k, int backward) {
 template <typename T> int run_forward(const BnkCall& k) {
   if (!k.training) return launch_normalize<T>(k);
   ++bnk_launches[k.splits == 1 ? LAUNCH_FUSED : LAUNCH_REDUCE];
-  int err = with_vectors<T>(k, [&](auto vec, auto fast) {
-    return BNK_LAUNCH((reduce_stats_kernel<T, vec.value, fast.value>), grid_of(k),
+  int err = with_vectors<T>(k, [&](auto vec, auto layout) {
+    return BNK_LAUNCH((reduce_stats_kernel<T, vec.value, layout.value>), grid_of(k),
                       dim3(k.threads), k.stream, k);
   });
   if (err || k.splits == 1) return err;
@@ -125,10 +130,10 @@ template <typename T> int run_forward(const BnkCall& k) {
 template <typename T> int run_backward(const BnkCall& k) {
   if (!k.stats_out[0]) return launch_input_grad<T>(k);
   ++bnk_launches[k.splits == 1 ? LAUNCH_FUSED : LAUNCH_REDUCE];
-  int err = with_vectors<T>(k, [&](auto vec, auto fast) {
+  int err = with_vectors<T>(k, [&](auto vec, auto layout) {
     return with_backward_epilogue(k, [&](auto act, auto res, auto y) {
       return BNK_LAUNCH(
-          (reduce_grads_kernel<T, vec.value, fast.value, act.value, res.value, y.value>),
+          (reduce_grads_kernel<T, vec.value, layout.value, act.value, res.value, y.value>),
           grid_of(k), dim3(k.threads), k.stream, k);
     });
   });

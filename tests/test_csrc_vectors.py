@@ -1,9 +1,10 @@
 """The CUDA C++ backend's vectors (csrc/bn_kernels.cuh): a thread takes 16 bytes at once
 along the contiguous axis (VEC rows of a channel, NCHW; VEC channels of a row,
-channels_last) wherever every element tensor of the call allows it
-(launch.vector_width), and one element otherwise. Both, against float64, in every dtype,
-with and without splits, through every epilogue template, at the emulation's block size
-and the GPU's; and which calls take vectors."""
+channels_last; VEC values of a channel block's contiguous span, NCHW whose S takes no
+whole vectors, 7 x 7) wherever every element tensor of the call allows it
+(launch.vector_width, channel_blocks_fit), and one element otherwise. All of them,
+against float64, in every dtype, with and without splits, through every epilogue
+template, at the emulation's block size and the GPU's; and which calls take which."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,15 +27,22 @@ def cuda_backend(monkeypatch):
 
 @pytest.fixture
 def widths(monkeypatch):
-    """The vector width of every plan made (block_plan's vec)."""
+    """The vector width of every plan made (block_plan's vec; channel blocks' as -vec)."""
     seen = []
-    real = cuda_launch.block_plan
+    real, real_blocks = cuda_launch.block_plan, cuda_launch.channel_block_plan
 
     def record(n, c, s, channels_fast, device, vec=1):
         seen.append(vec)
         return real(n, c, s, channels_fast, device, vec)
 
+    def record_blocks(n, c, s, device, vec):
+        plan = real_blocks(n, c, s, device, vec)
+        if plan is not None:
+            seen.append(-vec)
+        return plan
+
     monkeypatch.setattr(cuda_launch, "block_plan", record)
+    monkeypatch.setattr(cuda_launch, "channel_block_plan", record_blocks)
     return seen
 
 
@@ -58,12 +66,14 @@ def _ours(x, w, b, res, activation, g):
     return (y, *grads)
 
 
-# NCHW: S = 24, a multiple of every dtype's vector (8, 4, 2); channels_last: C = 16
-SHAPES = {"contiguous": (4, 5, 4, 6), "channels_last": (3, 16, 5, 3)}
+# NCHW: S = 24, a multiple of every dtype's vector (8, 4, 2); channels_last: C = 16;
+# channel blocks: S = 49 (7 x 7) and 9 (3 x 3), no multiple of any vector, C = 16
+SHAPES = {"contiguous": (4, 5, 4, 6), "channels_last": (3, 16, 5, 3),
+          "blocks": (5, 16, 7, 7), "blocks_3x3": (6, 16, 3, 3)}
 EPILOGUES = [(None, False), ("relu", False), ("relu", True), ("silu", True), ("gelu", False)]
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "blocks", "blocks_3x3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("activation,with_res", EPILOGUES)
 @pytest.mark.parametrize("split", [False, True])
@@ -74,13 +84,18 @@ def test_vectors_match_float64(layout, dtype, activation, with_res, split, threa
     monkeypatch.setattr(cuda_plan, "EMULATED_BLOCKS", 64 if split else 1)
     monkeypatch.setattr(cuda_plan, "CUDA_MIN_ROWS_PER_LANE", 1 if split else 2**40)
     shape = SHAPES[layout]
-    x = make_input(shape, dtype, "cpu", layout, loc=2.0, scale=1.5)
-    res = make_input(shape, dtype, "cpu", layout, seed=3) if with_res else None
-    g = make_input(shape, dtype, "cpu", layout, seed=5)
+    memory = "channels_last" if layout == "channels_last" else "contiguous"
+    vec = 16 // dtype.itemsize
+    if layout == "blocks_3x3" and vec > 9:
+        pytest.skip("S = 9 is shorter than a 16-bit vector (8 values: two channels at most)")
+    x = make_input(shape, dtype, "cpu", memory, loc=2.0, scale=1.5)
+    res = make_input(shape, dtype, "cpu", memory, seed=3) if with_res else None
+    g = make_input(shape, dtype, "cpu", memory, seed=5)
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
     w, b, _, _ = random_params(shape[1], pdtype, "cpu")
     ours = _ours(x, w, b, res, activation, g)
-    assert set(widths) == {16 // x.element_size()}  # every call took vectors
+    # every call took vectors (channel blocks': -vec)
+    assert set(widths) == ({-vec} if layout.startswith("blocks") else {vec})
     want = _reference(x, w, b, res, activation, g)
     for name, a, e in zip(("y", "dx", "dw", "db", "dres"), ours, want):
         tol = (TOL if name == "y" else GRAD_TOL)[dtype]

@@ -16,7 +16,7 @@ from ...layout import acc_dtype, ncs_shape, ncs_strides
 from ..contract import BackwardCall, ForwardCall, Normalizer, RunningUpdate, apply_update
 from . import library as cuda_library
 from .library import DTYPE_CODES, BnkCall
-from .plan import block_plan
+from .plan import block_plan, channel_block_plan
 
 # The vectors whose dtype the kernels take from the call (the sums are in the acc dtype).
 _DTYPE_FIELDS = {"weight": "weight_dtype", "bias": "bias_dtype", "mean": "stat_dtype"}
@@ -38,7 +38,6 @@ class Launch:
         k.dtype = DTYPE_CODES[x.dtype]
         k.eps, k.activation, k.training = eps, activation, training
         k.count = n * s  # the values each sum of the three-path dx is over
-        k.channels_fast = self.channels_fast
         self.keep = [x]  # every tensor the call points into lives until it returns
         self.elements = [x]  # the element tensors, whose vectors the kernels read
         self._plan = None
@@ -51,9 +50,14 @@ class Launch:
         if self._plan is None:
             n, c, s = self.shape
             vec = vector_width(self.elements, n, c, s, self.channels_fast)
-            plan = self._plan = block_plan(n, c, s, self.channels_fast, self.device, vec)
+            plan = None
+            if vec == 1 and not self.channels_fast and channel_blocks_fit(self.elements, n, c, s):
+                plan = channel_block_plan(n, c, s, self.device, 16 // self.elements[0].element_size())
+            if plan is None:
+                plan = block_plan(n, c, s, self.channels_fast, self.device, vec)
+            self._plan = plan
             k = self.k
-            k.threads, k.block_c, k.splits, k.rows_per_split, k.vec = plan
+            k.threads, k.block_c, k.splits, k.rows_per_split, k.vec, k.layout = plan
             if plan.splits > 1:
                 # forward: (K, mean, var, sum) per split and channel; backward: (sum g,
                 # sum g*xhat)
@@ -145,6 +149,19 @@ def vector_width(tensors, n: int, c: int, s: int, channels_fast: bool) -> int:
         if t.data_ptr() % 16 or fast != 1 or any(u and o % vec for u, o in zip(used, others)):
             return 1
     return vec
+
+
+def channel_blocks_fit(tensors, n: int, c: int, s: int) -> bool:
+    """Whether every element tensor holds each sample's C * S values contiguous (sC == S,
+    sS == 1), with sN a multiple of a 128-bit vector and 16-byte aligned: what csrc/'s
+    channel blocks (BNK_BLOCKS) read, a vector of a block's span at a time."""
+    vec = 16 // tensors[0].element_size()
+    for t in tensors:
+        sn, sc, ss = ncs_strides(t)
+        if (t.data_ptr() % 16 or (s > 1 and ss != 1) or (c > 1 and sc != s)
+                or (n > 1 and sn % vec)):
+            return False
+    return True
 
 
 def forward(call: ForwardCall) -> None:

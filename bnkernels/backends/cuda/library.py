@@ -43,7 +43,7 @@ class BnkCall(ctypes.Structure):
         ("dtype", ctypes.c_int32), ("weight_dtype", ctypes.c_int32),
         ("bias_dtype", ctypes.c_int32), ("stat_dtype", ctypes.c_int32),
         ("activation", ctypes.c_int32), ("training", ctypes.c_int32),
-        ("given_var", ctypes.c_int32), ("channels_fast", ctypes.c_int32),
+        ("given_var", ctypes.c_int32), ("layout", ctypes.c_int32),
         ("threads", ctypes.c_int32), ("block_c", ctypes.c_int32), ("splits", ctypes.c_int32),
         ("device", ctypes.c_int32), ("rows_per_split", ctypes.c_int64),
         ("stream", ctypes.c_void_p),
