@@ -404,13 +404,17 @@ def summary(table: list, arch: int) -> str:
              f"the floor: {sum(r['est_ratio'] > 1.15 for r in large)}",
              f"- passes moving 16 MB or more (the tensor's reads and writes): {len(big)}; "
              f"estimated above 1.15x the floor: {sum(r['est_ratio'] > 1.15 for r in big)}",
-             "", "Worst ten passes moving 16 MB or more by est_ratio:", "",
-             "| pass | dtype | layout | N | C | H | tensor MB | est_ratio |",
-             "| --- " * 8 + "|"]
-    for r in sorted(big, key=lambda r: -r["est_ratio"])[:10]:
+             "", "Worst ten passes moving 16 MB or more by est_ratio:", ""]
+    return "\n".join(lines + worst_passes(big)) + "\n"
+
+
+def worst_passes(totals: list) -> list:
+    """The summary's table: the ten passes of totals with the highest est_ratio."""
+    lines = ["| pass | dtype | layout | N | C | H | tensor MB | est_ratio |", "| --- " * 8 + "|"]
+    for r in sorted(totals, key=lambda r: -r["est_ratio"])[:10]:
         lines.append(f"| {r['pass']} | {r['dtype']} | {r['layout']} | {r['N']} | {r['C']} | "
                      f"{r['H']} | {_tensor_mb(r):.1f} | {r['est_ratio']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _tensor_mb(row: dict) -> float:
@@ -418,12 +422,18 @@ def _tensor_mb(row: dict) -> float:
     return row["N"] * row["C"] * row["H"] * row["W"] * DTYPES[row["dtype"]].itemsize / 1e6
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser_of(doc: str) -> argparse.ArgumentParser:
+    """The static checks' command line: --arch, --out, --quick."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "static")
     parser.add_argument("--quick", action="store_true", help="three shapes, N=32, bfloat16")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = parser_of(__doc__)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -435,18 +445,23 @@ def main(argv=None) -> int:
               f"{triton.__version__} has not (run it where requirements/cpu.txt is installed)")
         return 2
     table = run(args.arch, args.quick, args.jobs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sm{args.arch}.csv"
+    write(args.out, f"sm{args.arch}", COLUMNS, table, summary(table, args.arch))
+    return 0
+
+
+def write(out: Path, name: str, columns, table: list, text: str) -> None:
+    """The table to out/<name>.csv (keys starting with _ left out) and the summary to
+    out/summary_<name>.md; both printed where they went."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.csv"
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in table:
             writer.writerow({k: (f"{v:.3g}" if isinstance(v, float) else v)
                              for k, v in row.items() if not k.startswith("_")})
-    text = summary(table, args.arch)
-    (args.out / f"summary_sm{args.arch}.md").write_text(text)
+    (out / f"summary_{name}.md").write_text(text)
     print(text + f"{len(table)} rows written to {path}")
-    return 0
 
 
 if __name__ == "__main__":

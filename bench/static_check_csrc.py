@@ -18,9 +18,7 @@ DIR/summary_csrc_sm<arch>.md.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
-import csv
 import os
 import re
 import subprocess
@@ -240,13 +238,8 @@ def summary(table: list, arch: int) -> str:
              f"- passes over a tensor of 16 MB or more: {len(large)}; estimated above 1.5x the "
              f"floor: {sum(r['est_ratio'] > 1.5 for r in large)}, above 1.15x: "
              f"{sum(r['est_ratio'] > 1.15 for r in large)}", "",
-             "Worst ten passes over a tensor of 16 MB or more by est_ratio:", "",
-             "| pass | dtype | layout | N | C | H | tensor MB | est_ratio |",
-             "| --- " * 8 + "|"]
-    for r in sorted(large, key=lambda r: -r["est_ratio"])[:10]:
-        lines.append(f"| {r['pass']} | {r['dtype']} | {r['layout']} | {r['N']} | {r['C']} | "
-                     f"{r['H']} | {static_check._tensor_mb(r):.1f} | {r['est_ratio']:.2f} |")
-    return "\n".join(lines) + "\n"
+             "Worst ten passes over a tensor of 16 MB or more by est_ratio:", ""]
+    return "\n".join(lines + static_check.worst_passes(large)) + "\n"
 
 
 def _nvcc_version() -> str:
@@ -258,24 +251,9 @@ def _nvcc_version() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).resolve().parent / "results" / "static")
-    parser.add_argument("--quick", action="store_true", help="three shapes, N=32, bfloat16")
-    args = parser.parse_args(argv)
+    args = static_check.parser_of(__doc__).parse_args(argv)
     table = run(args.arch, args.quick)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"csrc_sm{args.arch}.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: (f"{v:.3g}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
-    text = summary(table, args.arch)
-    (args.out / f"summary_csrc_sm{args.arch}.md").write_text(text)
-    print(text + f"{len(table)} rows written to {path}")
+    static_check.write(args.out, f"csrc_sm{args.arch}", COLUMNS, table, summary(table, args.arch))
     return 0
 
 

@@ -417,6 +417,16 @@ template <typename Acc> BNK_DEVICE void store_moments(const BnkCall& k, int64_t 
   part[(3 * k.splits + blockIdx.y) * k.c + c] = static_cast<Acc>(m.sum);
 }
 
+// The next 4 vectors of x (their loads issued together), v moved past them.
+template <typename T, int VEC, int LAYOUT, typename Acc>
+BNK_DEVICE void load_group(const BnkCall& k, const Lane& l, Vectors<VEC, LAYOUT>& v, Acc (&x)[4][VEC]) {
+  BNK_UNROLL
+  for (int g = 0; g < 4; ++g) {
+    load_vec<T, VEC>(k.x, v.at_of(k.x, l.c), x[g]);
+    v.next();
+  }
+}
+
 // The Welford states of the thread's vectors (docs/math.md): BNK_ROWS, one, which takes
 // its 4 vectors' 4 * VEC values of its channel a step; BNK_CHANNELS, VEC, one per channel
 // of its vectors, each taking a value of each of 4 rows a step; BNK_BLOCKS, two (A and B,
@@ -437,11 +447,7 @@ BNK_DEVICE void welford_states(const BnkCall& k, const Lane& l, State<Acc> (&st)
               group_b = cut < VEC ? loop_div(Acc(1), Acc(4 * (VEC - cut))) : Acc(0);
     for (; v.more(4);) {  // whole groups of 4 samples
       Acc x[4][VEC];
-      BNK_UNROLL
-      for (int g = 0; g < 4; ++g) {
-        load_vec<T, VEC>(k.x, v.at_of(k.x, l.c), x[g]);
-        v.next();
-      }
+      load_group<T>(k, l, v, x);
       take_part<4, VEC>(st[0], x, 0, cut, group_a);
       take_part<4, VEC>(st[1], x, cut, VEC, group_b);
     }
@@ -458,11 +464,7 @@ BNK_DEVICE void welford_states(const BnkCall& k, const Lane& l, State<Acc> (&st)
     for (int i = 0; i < PARTS<VEC, LAYOUT>; ++i) st[i].k = first[i];
     for (; v.more(4);) {  // whole groups of 4 vectors
       Acc x[4][VEC];
-      BNK_UNROLL
-      for (int g = 0; g < 4; ++g) {
-        load_vec<T, VEC>(k.x, v.at_of(k.x, l.c), x[g]);
-        v.next();
-      }
+      load_group<T>(k, l, v, x);
       if constexpr (FAST) {
         BNK_UNROLL
         for (int i = 0; i < VEC; ++i) {
