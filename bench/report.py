@@ -1,6 +1,6 @@
 """bn.csv -> bn.md (speedups over torch, % of the run's copy bandwidth, the targets, and
-beside bnkernels_triton's time over the floor the static check's estimate of it,
-bench/results/static/sm90.csv) and bn.png (speedup over torch per shape).
+beside each backend's time over the floor the static check's estimate of it,
+bench/results/static/sm90.csv and csrc_sm90.csv) and bn.png (speedup over torch per shape).
 
     python bench/report.py bench/results/h100/bn.csv
 
@@ -54,22 +54,28 @@ def summarize(rows):
     return table, copy_gbps
 
 
-STATIC = Path(__file__).resolve().parent / "results" / "static" / "sm90.csv"
+STATIC_DIR = Path(__file__).resolve().parent / "results" / "static"
+# Each backend's static check (static_check.py, static_check_csrc.py)
+STATIC = {"bnkernels_triton": STATIC_DIR / "sm90.csv",
+          "bnkernels_cuda": STATIC_DIR / "csrc_sm90.csv"}
 
 
-def load_estimates(path: Path = STATIC) -> dict:
-    """bench/static_check.py's estimate (time over the bandwidth floor) of each pass, by
-    (op, dtype, layout, N, C, H, W); empty where there is no table."""
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        return {(r["pass"], r["dtype"], r["layout"], int(r["N"]), int(r["C"]), int(r["H"]),
-                 int(r["W"])): float(r["est_ratio"])
-                for r in csv.DictReader(f) if r["kernel"] == "all"}
+def load_estimates(paths: dict = STATIC) -> dict:
+    """{provider: {(op, dtype, layout, N, C, H, W): the static check's estimate (time over
+    the bandwidth floor) of the pass}}; a provider without a table is left out."""
+    estimates = {}
+    for provider, path in paths.items():
+        if path.exists():
+            with path.open() as f:
+                estimates[provider] = {
+                    (r["pass"], r["dtype"], r["layout"], int(r["N"]), int(r["C"]), int(r["H"]),
+                     int(r["W"])): float(r["est_ratio"])
+                    for r in csv.DictReader(f) if r["kernel"] == "all"}
+    return estimates
 
 
 def markdown(rows, estimates=None) -> str:
-    """estimates (load_estimates): shown beside bnkernels_triton's measured time over the
+    """estimates (load_estimates): shown beside each backend's measured time over the
     floor (the run's copy bandwidth), so that the static model is checked too."""
     estimates = load_estimates() if estimates is None else estimates
     table, copy_gbps = summarize(rows)
@@ -83,12 +89,13 @@ def markdown(rows, estimates=None) -> str:
     verdicts = []
     for (op, dtype, layout), shapes in sorted(table.items()):
         providers = sorted({p for by_provider in shapes.values() for p in by_provider})
-        static = "bnkernels_triton" in providers and any(
-            (op, dtype, layout, *shape) in estimates for shape in shapes)
+        static = [p for p in providers if any((op, dtype, layout, *shape) in
+                                              estimates.get(p, {}) for shape in shapes)]
         out += [f"## {op} {dtype} {layout}", "",
                 "| N,C,H,W | " + " | ".join(f"{p} ms (x, %copy)" for p in providers) +
-                (" | triton x floor: static estimate / measured" if static else "") + " |",
-                "|---|" + "---|" * (len(providers) + static)]
+                "".join(f" | {p.split('_')[-1]} x floor: static estimate / measured"
+                        for p in static) + " |",
+                "|---|" + "---|" * (len(providers) + len(static))]
         speedups = defaultdict(list)
         for shape, by_provider in sorted(shapes.items(), key=lambda kv: -kv[0][1] * kv[0][2]):
             base = by_provider["torch"][0]
@@ -97,9 +104,9 @@ def markdown(rows, estimates=None) -> str:
                 ms, gbps = by_provider[p]
                 speedups[p].append(base / ms)
                 cells.append(f"{ms:.3f} ({base / ms:.2f}x, {100 * gbps / copy_gbps:.0f}%)")
-            if static:
-                est = estimates.get((op, dtype, layout, *shape))
-                measured = copy_gbps / by_provider["bnkernels_triton"][1]
+            for p in static:
+                est = estimates[p].get((op, dtype, layout, *shape))
+                measured = copy_gbps / by_provider[p][1]
                 cells.append(f"{est:.2f} / {measured:.2f}" if est else f"- / {measured:.2f}")
             out.append(f"| {','.join(map(str, shape))} | " + " | ".join(cells) + " |")
         out.append("| geomean speedup | " + " | ".join(

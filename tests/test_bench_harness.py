@@ -41,11 +41,15 @@ def test_report_puts_the_static_estimate_beside_the_measurement(tmp_path):
     rows = report.load_last_run(tmp_path / "bn.csv")
     r = next(r for r in rows if r["op"] == "fwd_train" and r["layout"] == "nhwc")
     shape = tuple(int(r[k]) for k in ("N", "C", "H", "W"))
-    md = report.markdown(rows, estimates={("fwd_train", "float32", "nhwc", *shape): 1.23})
+    md = report.markdown(rows, estimates={
+        "bnkernels_triton": {("fwd_train", "float32", "nhwc", *shape): 1.23},
+        "bnkernels_cuda": {("fwd_train", "float32", "nhwc", *shape): 1.45}})
     assert "triton x floor: static estimate / measured" in md and "| 1.23 / " in md
-    # the committed table's keys are the benchmark's (pass, dtype, layout, shape)
+    assert "cuda x floor: static estimate / measured" in md and "| 1.45 / " in md
+    # the committed tables' keys are the benchmark's (pass, dtype, layout, shape)
     estimates = report.load_estimates()
-    assert ("fwd_train", "bfloat16", "nhwc", 128, 64, 112, 112) in estimates
+    for provider in ("bnkernels_triton", "bnkernels_cuda"):
+        assert ("fwd_train", "bfloat16", "nhwc", 128, 64, 112, 112) in estimates[provider]
 
 
 def test_fused_ops_smoke(tmp_path):
