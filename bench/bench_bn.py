@@ -3,7 +3,9 @@
     python bench/bench_bn.py [--quick] [--out DIR] [--dtypes float32,bfloat16] [--layouts nchw,nhwc]
 
 Providers: bnkernels_triton and bnkernels_cuda (bnkernels.batch_norm with
-BNKERNELS_BACKEND=triton / cuda); torch (nn.functional.batch_norm, cuDNN where torch picks
+BNKERNELS_BACKEND=triton / cuda); bnkernels_triton_3k (the Triton backend with its
+persistent one-launch pass off: three kernels a training pass, for the comparison; not in
+the default list); torch (nn.functional.batch_norm, cuDNN where torch picks
 it); torch_native (cuDNN disabled); inductor (torch.compile of the same F.batch_norm call).
 Ops: fwd_train (batch statistics + running-stat update), bwd (the backward alone),
 fwd_eval, and one `copy` row per run (a device-to-device copy: the bandwidth ceiling).
@@ -16,7 +18,9 @@ torch before it is timed. GB/s counts 3 tensor sizes for fwd_train, 5 for bwd, 2
 fwd_eval and copy (the practical floor of docs/math.md).
 
 Rows are appended to DIR/bn.csv (DIR defaults to bench/results/<gpu>/), one line per
-(op, layout, dtype, shape, provider), with the device, versions and commit.
+(op, layout, dtype, shape, provider), with the device, versions and commit. launches: the
+device kernels one timed call runs (torch.profiler's CUDA kernel events; on CPU, --smoke,
+bnkernels' own launch counters, and empty for the other providers).
 --smoke runs tiny shapes on CPU with a wall-clock timer: it checks the harness, not speed.
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 COLUMNS = ["op", "layout", "dtype", "N", "C", "H", "W", "provider", "median_ms", "p20_ms",
-           "p80_ms", "gbps", "gpu", "torch", "triton", "cuda", "commit"]
+           "p80_ms", "gbps", "launches", "gpu", "torch", "triton", "cuda", "commit"]
 RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
                    (512, 28, 28), (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14),
                    (512, 7, 7), (2048, 7, 7)]
@@ -154,6 +158,24 @@ def _time(fn, device):
     return samples[1], samples[0], samples[2]
 
 
+def _launches(call, device):
+    """Device kernels one call of call() runs, after a first call (compiles, plans)."""
+    call()
+    if device != "cuda":
+        from bnkernels import backends
+        before = [sum(backends.get(b).launch_counts().values()) for b in ("triton", "cuda")]
+        call()
+        after = [sum(backends.get(b).launch_counts().values()) for b in ("triton", "cuda")]
+        return sum(after) - sum(before)
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
+               and "memset" not in e.name.lower() for e in prof.events())
+
+
 def _check(case, reference, dtype):
     for got, want in zip(case.output(), reference):
         err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1))
@@ -184,7 +206,7 @@ def run(args) -> list[dict]:
     nbytes = 2 * copy_src.numel() * copy_src.element_size()
     rows.append(dict(op="copy", layout="-", dtype="float32", N=copy_src.numel(), C=1, H=1, W=1,
                      provider="torch", median_ms=med, p20_ms=p20, p80_ms=p80,
-                     gbps=nbytes / med / 1e6, **meta))
+                     gbps=nbytes / med / 1e6, launches=1, **meta))
     del copy_src, copy_dst
     try:  # a progress bar where tqdm is installed; a line per job either way
         from tqdm import tqdm
@@ -200,10 +222,13 @@ def run(args) -> list[dict]:
                 case = _Case(op, provider, shape, dtype, layout, device)
                 _check(case, reference, dtype)
                 med, p20, p80 = _time(case.timed_call(), device)
+                launched = (_launches(case.timed_call(), device)
+                            if device == "cuda" or provider in common.BNKERNELS_PROVIDERS
+                            else "")
             moved = TENSORS_MOVED[op] * case.x.numel() * case.x.element_size()
             rows.append(dict(op=op, layout=layout, dtype=dname, N=shape[0], C=c, H=h, W=w,
                              provider=provider, median_ms=med, p20_ms=p20, p80_ms=p80,
-                             gbps=moved / med / 1e6, **meta))
+                             gbps=moved / med / 1e6, launches=launched, **meta))
             del case
         print(f"[{i}/{len(jobs)}] {op} {layout} {dname} {shape}: " + ", ".join(
             f"{r['provider']} {r['median_ms']:.3f} ms" for r in rows[-len(providers):]),

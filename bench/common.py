@@ -10,7 +10,11 @@ import torch
 
 
 # The bench providers that are bnkernels, and the BNKERNELS_BACKEND each runs with.
-BNKERNELS_PROVIDERS = {"bnkernels_triton": "triton", "bnkernels_cuda": "cuda"}
+BNKERNELS_PROVIDERS = {"bnkernels_triton": "triton", "bnkernels_cuda": "cuda",
+                       "bnkernels_triton_3k": "triton"}
+# Providers that run with the Triton backend's persistent pass off (the three kernels
+# each pass, where bnkernels_triton may take one launch: persistent_plan.py).
+THREE_KERNEL_PROVIDERS = {"bnkernels_triton_3k"}
 
 
 @contextlib.contextmanager
@@ -21,9 +25,15 @@ def backend_for(provider: str):
     before = os.environ.get("BNKERNELS_BACKEND")
     if name:
         os.environ["BNKERNELS_BACKEND"] = name
+    plan = None
+    if provider in THREE_KERNEL_PROVIDERS:
+        from bnkernels.backends.triton import persistent_plan as plan
+        mode, plan.MODE = plan.MODE, "off"
     try:
         yield
     finally:
+        if plan is not None:
+            plan.MODE = mode
         if before is None:
             os.environ.pop("BNKERNELS_BACKEND", None)
         else:

@@ -6,7 +6,8 @@
                over the cores where it is installed, a per-test timeout)
   2 core       bn.csv, bn.md, bn.png, core.log: bench_bn.py's fwd_train / bwd / fwd_eval
                (extra args, e.g. --quick, go to bench_bn.py)
-  3 extras     bn.csv (the fused epilogues), launch.csv, fold.csv, train.csv, extras.log
+  3 extras     bn.csv (the fused epilogues; fwd_train / bwd at N = 32 with the persistent
+               pass on and off: bnkernels_triton, bnkernels_triton_3k), launch.csv, fold.csv, train.csv, extras.log
   4 sanitize   sanitize.log: compute-sanitizer memcheck and racecheck on both backends,
                and the over-2^31-element test
   5 ncu        ncu.txt: DRAM throughput, achieved occupancy and stall reasons of the
@@ -34,20 +35,24 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 STAGES = ["env_tests", "core", "extras", "sanitize", "ncu"]
 # Minutes on an H100, estimated (no GPU run has timed them yet); each must stay under 8.
-ESTIMATE_MIN = {"env_tests": 6, "core": 7, "extras": 7, "sanitize": 5, "ncu": 4}
+ESTIMATE_MIN = {"env_tests": 6, "core": 7, "extras": 7, "sanitize": 5, "ncu": 5}
 PER_TEST_TIMEOUT_S = 300
 FUSED_OPS = "bnrelu_fwd_train,bnrelu_bwd,bnaddrelu_fwd_train,bnaddrelu_bwd"
-# (op, layout, dtype, C, H, W) at N = 128: NCHW 14x14 and 7x7, a channels_last merge.
-NCU_TARGETS = [("fwd_train", "nchw", "bfloat16", 1024, 14, 14),
-               ("fwd_train", "nchw", "bfloat16", 2048, 7, 7),
-               ("fwd_train", "nhwc", "bfloat16", 64, 56, 56)]
+# (op, layout, dtype, C, H, W, N): NCHW 14x14 and 7x7, a channels_last merge (N = 128), and
+# the persistent pass at N = 32.
+NCU_TARGETS = [("fwd_train", "nchw", "bfloat16", 1024, 14, 14, 128),
+               ("fwd_train", "nchw", "bfloat16", 2048, 7, 7, 128),
+               ("fwd_train", "nhwc", "bfloat16", 64, 56, 56, 128),
+               # the persistent one-launch pass (its DRAM bytes: ~2 and ~3 tensor sizes)
+               ("fwd_train", "nhwc", "bfloat16", 256, 28, 28, 32),
+               ("bwd", "nhwc", "bfloat16", 256, 28, 28, 32)]
 NCU_METRICS = ",".join([
     "dram__throughput.avg.pct_of_peak_sustained_elapsed",
     "sm__warps_active.avg.pct_of_peak_sustained_active",
     "smsp__average_warp_latency_issue_stalled_long_scoreboard",
     "smsp__average_warp_latency_issue_stalled_barrier",
     "smsp__average_warp_latency_issue_stalled_math_pipe_throttle",
-    "gpu__time_duration.sum"])
+    "gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum"])
 
 
 def _has(module: str) -> bool:
@@ -89,6 +94,12 @@ def commands(stage: str, out: Path, dry: bool, extra: list):
         return [([PY, f"{bench}/bench_bn.py", "--out", str(out), "--ops", FUSED_OPS,
                   "--dtypes", "bfloat16,float32", "--layouts", "nhwc,nchw", *smoke, *extra],
                  "extras.log", False),
+                # the persistent pass (one launch) beside the three kernels, at N = 32,
+                # where more of ResNet-50's shapes fit its size rule
+                ([PY, f"{bench}/bench_bn.py", "--out", str(out), "--ops", "fwd_train,bwd",
+                  "--batch", "32", "--dtypes", "bfloat16", "--layouts", "nhwc,nchw",
+                  "--providers", "bnkernels_triton,bnkernels_triton_3k,torch", *smoke, *extra],
+                 "extras.log", False),
                 ([PY, f"{bench}/bench_launch.py", "--out", str(out), *smoke], "extras.log",
                  False),
                 ([PY, f"{bench}/bench_fold.py", "--out", str(out), *fold], "extras.log", False),
@@ -105,9 +116,9 @@ def commands(stage: str, out: Path, dry: bool, extra: list):
         return cmds + [(big, "sanitize.log", False)]
     if stage == "ncu":
         cmds = []
-        for op, layout, dtype, c, h, w in NCU_TARGETS:
+        for op, layout, dtype, c, h, w, n in NCU_TARGETS:
             target = [PY, f"{bench}/ncu_target.py", op, layout, dtype, str(c), str(h), str(w),
-                      *(["--smoke"] if dry else [])]
+                      "--batch", str(n), *(["--smoke"] if dry else [])]
             cmds.append((["ncu", "--metrics", NCU_METRICS, "--target-processes", "all",
                           "-k", "regex:_kernel", *target], "ncu.txt", True))
             if dry:

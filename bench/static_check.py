@@ -179,9 +179,10 @@ def _compile(arch: int, variant) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from bnkernels.backends.triton import kernels
+    from bnkernels.backends.triton import kernels, persistent
     name, signature, constexprs, attrs, options = variant
-    source = ASTSource(fn=getattr(kernels, name), signature=signature, constexprs=constexprs,
+    fn = getattr(kernels, name, None) or getattr(persistent, name)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                        attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     cubin = compiled.asm["cubin"]

@@ -127,3 +127,25 @@ def test_static_check_of_csrc_quick(tmp_path):
         if large and r["kernel"] == "all":
             assert float(r["est_ratio"]) <= 1.5, r
     assert (tmp_path / "summary_csrc_sm90.md").read_text().startswith("# Static check of csrc/")
+
+
+@needs_binder
+def test_static_check_of_the_persistent_pass_quick(tmp_path):
+    """bench/static_check_persistent.py --quick: the persistent kernel as a GPU launch
+    compiles it (its barrier's trap included): no spill, its reduce and apply loops 128
+    bits wide, and every grid within the programs an H100 holds at once, so that its
+    barrier never waits for a program that cannot start."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(BENCH / "static_check_persistent.py"),
+                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(tmp_path / "persistent_sm90.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["pass"] for r in rows} == {"fwd_train", "bwd", "bnaddrelu_fwd_train",
+                                         "bnaddrelu_bwd"}
+    assert any(r["auto"] == "1" for r in rows) and any(r["auto"] == "0" for r in rows)
+    for r in rows:
+        assert int(r["spills"]) == 0, r
+        assert int(r["programs"]) <= int(r["resident"]), r
+        assert int(r["loops_128"]) >= 2, r  # the reduce's and the apply's

@@ -13,7 +13,8 @@ its "rows". One kernel per pass, each serving forward and backward (BACKWARD swi
 
 Training forward = reduce + merge + apply (x is read twice, y written once); eval forward
 = apply; backward = reduce + merge + apply with batch statistics, apply alone for the input
-gradient through constant statistics. NCHW and channels_last differ only in constexpr
+gradient through constant statistics. On a GPU, persistent.py runs the three as one launch
+where persistent_plan.py allows (the second read of x then comes from L2). NCHW and channels_last differ only in constexpr
 switches (FLAT_ROWS, CHANNEL_SPAN, S_CONST: NCHW row tiles divide r // S by a constant, a
 multiply-high, where a runtime S costs an integer division per vector) and the tile shape
 the launch plan picks. The reduce and apply loops are software-pipelined, STAGES deep
@@ -352,11 +353,29 @@ def _merge_kernel(
     HAS_DBIAS: tl.constexpr, HAS_DWEIGHT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Merges the splits of _reduce_kernel, in a fixed order (bitwise reproducible): steps
-    of BLOCK_S splits, one after another.
+    """Merges the splits of _reduce_kernel for BLOCK_C channels a program
+    (_merge_channels)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _merge_channels(part_ptr, c, c < C, out0_ptr, out1_ptr, out2_ptr, dbias_ptr, dweight_ptr,
+                    rm_ptr, rv_ptr, nbt_ptr, C, R, rows_per_split, num_splits, eps,
+                    momentum_hi, momentum_lo, srmC, srvC, BACKWARD, UPDATE_RUNNING,
+                    CUMULATIVE, HAS_DBIAS, HAS_DWEIGHT, BLOCK_S, ACC)
+
+
+@triton.jit
+def _merge_channels(
+    part_ptr, c, c_mask, out0_ptr, out1_ptr, out2_ptr, dbias_ptr, dweight_ptr, rm_ptr,
+    rv_ptr, nbt_ptr, C, R, rows_per_split, num_splits, eps, momentum_hi, momentum_lo,
+    srmC, srvC, BACKWARD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr, HAS_DBIAS: tl.constexpr, HAS_DWEIGHT: tl.constexpr,
+    BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+):
+    """Merges the splits of _reduce_kernel for channels c (those of c_mask), in a fixed
+    order (bitwise reproducible): steps of BLOCK_S splits, one after another. The merge
+    kernel's body, and the persistent kernel's middle phase (persistent.py).
 
     Forward: the splits' (K, mean, var, sum), split k holding n_k = min(rows_per_split,
-    R - k*rows_per_split) rows (every earlier split is full): a step's [BLOCK_C, BLOCK_S]
+    R - k*rows_per_split) rows (every earlier split is full): a step's [channels, BLOCK_S]
     tile pooled (_pool), then folded into the running result (_welford_combine, once per
     step); then out0 = mean (_finish_stats), out1 = rstd = 1/sqrt(var + eps), out2 = var
     (biased), and (UPDATE_RUNNING) the running statistics (_store_batch_stats). In
@@ -367,16 +386,14 @@ def _merge_kernel(
     Why steps, not one split after another: the merge is a serial chain, and 528 splits
     (C = 64 at 112x112 over an H100) made 528 dependent steps; 256 splits a step make 3.
     """
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
     f64 = tl.float64
-    a = tl.zeros([BLOCK_C], ACC)
-    b = tl.zeros([BLOCK_C], ACC)
-    k = tl.zeros([BLOCK_C], f64)
-    mean = tl.zeros([BLOCK_C], f64)
-    var = tl.zeros([BLOCK_C], f64)
-    total = tl.zeros([BLOCK_C], f64)
-    n = tl.zeros([BLOCK_C], f64)
+    a = tl.zeros(c.shape, ACC)
+    b = tl.zeros(c.shape, ACC)
+    k = tl.zeros(c.shape, f64)
+    mean = tl.zeros(c.shape, f64)
+    var = tl.zeros(c.shape, f64)
+    total = tl.zeros(c.shape, f64)
+    n = tl.zeros(c.shape, f64)
     for j0 in range(0, num_splits, BLOCK_S):
         j = j0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (j < num_splits)[None, :]
@@ -388,7 +405,7 @@ def _merge_kernel(
         else:
             rows_before = tl.cast(j, tl.int64) * rows_per_split
             n_j = tl.where(j < num_splits, tl.minimum(rows_per_split, R - rows_before), 0)
-            n_tile = tl.zeros([BLOCK_C, BLOCK_S], f64) + n_j.to(f64)[None, :]
+            n_tile = tl.zeros([c.shape[0], BLOCK_S], f64) + n_j.to(f64)[None, :]
             n_s = tl.sum(n_tile, axis=1)
             mean_s, var_s = _pool(
                 tl.load(part_ptr + offsets, mask=mask, other=0.0).to(f64),

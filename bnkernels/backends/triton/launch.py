@@ -18,6 +18,8 @@ from ...layout import acc_dtype, ncs_shape, ncs_strides
 from ..contract import (BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate,
                         backward_slots, forward_slots)
 from .kernels import _apply_kernel, _merge_kernel, _reduce_kernel
+from .persistent import _persistent_kernel
+from . import persistent_plan
 from . import plan as plan_module
 from .plan import (KernelLayout, LaunchPlan, channel_block_plan, channel_blocks_fit,
                    kernel_layout, launch_plan, merge_tile, state_vectors)
@@ -25,7 +27,8 @@ from .replay import REPLAYS_MAX, Recording, slot_key
 
 _GL = {torch.float32: tl.float32, torch.float64: tl.float64}
 # Each kernel's pass, the key of launch_counts.
-PASSES = {_reduce_kernel: "reduce", _merge_kernel: "merge", _apply_kernel: "apply"}
+PASSES = {_reduce_kernel: "reduce", _merge_kernel: "merge", _apply_kernel: "apply",
+          _persistent_kernel: "persistent"}
 # Kernel launches by pass: the tests read it to prove the kernels ran.
 launch_counts: collections.Counter = collections.Counter()
 
@@ -158,8 +161,8 @@ _SHAPES_MAX = 4096  # distinct shapes kept
 def _planning() -> tuple:
     """What planning depends on beside the tensors: plan.py's settings and the planners
     themselves (the tests replace them): part of every cache key of plans and replays."""
-    return (plan_module.settings(), launch_plan, kernel_layout, channel_block_plan,
-            channel_blocks_fit, state_vectors)
+    return (plan_module.settings(), persistent_plan.settings(), launch_plan, kernel_layout,
+            channel_block_plan, channel_blocks_fit, state_vectors)
 
 
 def _shape_of(x: torch.Tensor, named: dict) -> _Shape:
@@ -237,12 +240,17 @@ class Launch:
 
     def scratch(self, shape: Tuple[int, ...]) -> torch.Tensor:
         """A temporary of the accumulation dtype (recorded: a replay allocates its own)."""
+        t = torch.empty(shape, dtype=self.acc, device=self.x.device)
+        self._record_scratch(t, shape)
+        return t
+
+    def _record_scratch(self, t: torch.Tensor, shape: Tuple[int, ...]) -> None:
+        """t, a temporary of shape (the accumulation dtype), recorded: a replay allocates
+        its own."""
         acc, device = self.acc, self.x.device
-        t = torch.empty(shape, dtype=acc, device=device)
         if self.recording is not None:
             self.recording.temporary(t, lambda _slots: torch.empty(shape, dtype=acc,
                                                                    device=device))
-        return t
 
     def pointer(self, role: str) -> torch.Tensor:
         """The role's tensor, or x where the call has none (the kernel's constexpr
@@ -320,6 +328,76 @@ class Launch:
                             HAS_DRES="dres" in self.tensors))
 
 
+    def persistent(self, eps: float, outs: Tuple[torch.Tensor, ...], weight, bias,
+                   activation: int, stats: Optional[Normalizer] = None,
+                   update: Optional[RunningUpdate] = None,
+                   rounded: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
+                   ) -> bool:
+        """A training pass as one launch of persistent.py's kernel, where persistent_plan
+        allows it: the forward (stats None: outs = mean, rstd, var; y into the "out"
+        role) or the backward through the batch statistics (outs = sum g, sum g*xhat;
+        dx into "out", dres where given). False where it does not: nothing launched."""
+        backward = stats is not None
+        x, plan = self.x, self.plan
+        # the bytes the reduce reads and the apply reads again: x forward; x, g and the
+        # epilogue's residual or y backward
+        read = sum(role in self.tensors for role in ("x", "g", "res", "y")) if backward else 1
+        twice = x.numel() * x.element_size() * read
+        if not persistent_plan.allowed(x.device, plan.splits, twice):
+            return False
+        programs = plan.c_blocks * plan.splits
+        merge_c, merge_s = persistent_plan.merge_tile(self.c, programs, plan.splits)
+        running = _running_args(update, x)
+        dbias, dweight = rounded
+        mean, spread = (stats.mean, _spread_of(stats)) if backward else (x, x)
+        state = persistent_plan.barrier_state(x.device)
+        interpreted = x.device.type != "cuda"
+        reduce_meta = dict(self._reduce_meta[not backward])
+        base = dict(self._base_meta)
+        meta = dict(self.meta(activation, weight, bias, BACKWARD=backward,
+                              FROM_VAR=backward and stats.var is not None,
+                              HAS_DBIAS=dbias is not None, HAS_DWEIGHT=dweight is not None,
+                              HAS_DRES="dres" in self.tensors,
+                              COUNT_BATCH=update is not None and
+                              update.num_batches_tracked is not None, **running.switches),
+                    SPIN_LIMIT=persistent_plan.SPIN_LIMIT,
+                    TRAP=not interpreted or persistent_plan.TRAP_ON_CPU,
+                    MERGE_C=merge_c, MERGE_S=merge_s, VEC=reduce_meta["VEC"],
+                    PARTS=reduce_meta["PARTS"], SEG_P=reduce_meta["SEG_P"],
+                    REDUCE_STAGES=reduce_meta["STAGES"],
+                    REDUCE_BLOCK_R=reduce_meta.get("BLOCK_R", base["BLOCK_R"]),
+                    REDUCE_ROW_STEP=reduce_meta.get("ROW_STEP", base["ROW_STEP"]),
+                    # the reduce's warps: its tile is 128-bit vectors a thread at that
+                    # count (channels_last's half tile at 8 warps would take 64 bits); the
+                    # apply's full tile then takes two vectors a thread
+                    num_warps=reduce_meta["num_warps"])
+        part_shape = (2 if backward else 4, plan.splits, self.c)
+        part = torch.empty(part_shape, dtype=self.acc, device=x.device)  # recorded below
+        args = (*(self.pointer(r) for r in _ROLES), mean, spread, _or_x(weight, x),
+                _or_x(bias, x), part, outs[0], outs[1], outs[2] if len(outs) == 3 else outs[0],
+                _or_x(dbias, x), _or_x(dweight, x), *running.pointers, state,
+                self.c, self.s, self.loop_rows, plan.rows_per_split, eps, *running.momentum,
+                self.rows, *self.element_strides,
+                *_channel_strides(stats and stats.mean, stats and spread, weight, bias),
+                *running.strides)
+        if not interpreted:
+            key = (x.device, tuple(meta.items()), _argument_key(_persistent_kernel, args))
+            resident = persistent_plan.resident_programs(_persistent_kernel, x.device, args,
+                                                         dict(meta, PHASE=0), key)
+            if programs > resident:
+                return False
+        self._record_scratch(part, part_shape)
+        if interpreted and persistent_plan.INTERPRETER_PHASES:
+            for phase in (1, 2, 3):
+                self.launch(_persistent_kernel, self.grid, *args, PHASE=phase, **meta)
+            return True
+        self.launch(_persistent_kernel, self.grid, *args, PHASE=0, **meta)
+        error = persistent_plan.failed(state)
+        if error is not None:
+            raise RuntimeError(error)
+        return True
+
+
 class _RunningArgs(NamedTuple):
     """A RunningUpdate as the reduce and merge kernels' arguments."""
     pointers: Tuple[torch.Tensor, ...]  # running mean, running var, num_batches_tracked
@@ -375,7 +453,8 @@ def _replay_key(slots: tuple, scalars: tuple):
     if not aligned or (x.device.type == "cuda" and
                        x.device.index != torch.cuda.current_device()):
         return None
-    return (x.shape, x.device, scalars, tensors, cpu_launch, bound_launches, _planning())
+    return (x.shape, x.device, scalars, tensors, cpu_launch, bound_launches, _planning(),
+            persistent_plan.context_key(x.device))
 
 
 def _replay_or_plan(call, slots: tuple, scalars: tuple, plan) -> None:
@@ -406,7 +485,8 @@ def _replayer(slots: tuple, scalars: tuple):
     device = slots[0].device
 
     def replayer(call_slots: tuple) -> bool:
-        if (cpu_launch, bound_launches, _planning()) != hooks or replays is not _REPLAYS or (
+        if (cpu_launch, bound_launches, _planning(),
+                persistent_plan.context_key(device)) != hooks or replays is not _REPLAYS or (
                 device.type == "cuda" and device.index != torch.cuda.current_device()):
             return False
         run(call_slots, launch_counts)
@@ -434,6 +514,10 @@ def forward_replayer(call: ForwardCall):
 
 def _plan_forward(call: ForwardCall, recording: Optional[Recording]) -> None:
     launch = Launch(call.x, recording, out=call.y, res=call.residual)
+    if call.batch is not None and call.y is not None and launch.persistent(
+            call.eps, (call.batch.mean, call.batch.rstd, call.batch.var), call.weight,
+            call.bias, code(call.activation), update=call.update):
+        return
     if call.batch is not None:
         batch = call.batch
         launch.reduce(call.eps, (batch.mean, batch.rstd, batch.var), update=call.update)
@@ -466,6 +550,11 @@ def _plan_backward(call: BackwardCall, recording: Optional[Recording]) -> None:
     sums, count = None, None
     if call.sums is not None or (call.through_batch_stats and call.given_sums is None):
         own = call.sums or GradSums(launch.scratch((launch.c,)), launch.scratch((launch.c,)))
+        if (dx is not None and call.through_batch_stats and call.given_sums is None
+                and launch.persistent(call.eps, (own.sum_g, own.sum_gx), call.weight,
+                                      call.bias, act, stats=call.stats,
+                                      rounded=(own.bias_grad, own.weight_grad))):
+            return
         launch.reduce(call.eps, (own.sum_g, own.sum_gx), call.stats, call.weight, call.bias,
                       act, rounded=(own.bias_grad, own.weight_grad))
         sums, count = (own.sum_g, own.sum_gx), launch.rows
