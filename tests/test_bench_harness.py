@@ -52,6 +52,23 @@ def test_report_puts_the_static_estimate_beside_the_measurement(tmp_path):
         assert ("fwd_train", "bfloat16", "nhwc", 128, 64, 112, 112) in estimates[provider]
 
 
+def test_report_gives_no_three_kernel_estimate_to_a_one_launch_pass(tmp_path):
+    """A Triton training row that ran as 1 launch (the persistent pass) is not what the
+    static table models: its estimate is left out ("-"), the launches shown."""
+    bench_bn.main(["--smoke", "--dtypes", "float32", "--layouts", "nhwc", "--ops", "fwd_train",
+                   "--providers", "bnkernels_triton,torch", "--out", str(tmp_path)])
+    rows = report.load_last_run(tmp_path / "bn.csv")
+    mine = [r for r in rows if r["provider"] == "bnkernels_triton"]
+    estimates = {"bnkernels_triton": {("fwd_train", "float32", "nhwc",
+                                       *(int(r[k]) for k in ("N", "C", "H", "W"))): 1.23
+                                      for r in mine}}
+    assert "| 1.23 / " in report.markdown(rows, estimates=estimates)
+    for r in mine:
+        r["launches"] = "1"
+    md = report.markdown(rows, estimates=estimates)
+    assert "| 1.23 / " not in md and "| - / " in md and ", 1 launch)" in md
+
+
 def test_fused_ops_smoke(tmp_path):
     ops = ",".join(bench_bn.FUSED_OPS)
     assert bench_bn.main(["--smoke", "--dtypes", "float32", "--layouts", "nhwc", "--ops", ops,

@@ -16,6 +16,14 @@ three-kernel path is two launches there), and on a GPU
     grid no larger than the programs the GPU holds at once, from the compiled kernel's
     registers, shared memory and warps (resident_programs).
 On CPU tensors (the interpreter) only MODE "on" takes it, as three launches (PHASES).
+
+Why the residency check rarely refuses: the grid is the three-kernel plan's, at most
+plan.PROGRAMS_PER_SM (2) programs per SM, and the kernel runs at the reduce's 4 warps, so
+two programs need 256 threads and at most 2 x 4 x 32 x 255 registers (65,280 of 65,536)
+per SM; only shared memory could refuse: the pipelined loops take up to 96 KB a program
+(float32), which two programs get from an H100's 228 KB per SM
+(bench/results/static/summary_persistent_sm90.md: no ResNet-50 grid refused) but not from
+an A100's 164 KB. A refused grid falls back to the three kernels; it is not re-planned.
 """
 from __future__ import annotations
 
