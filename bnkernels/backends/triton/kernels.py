@@ -14,11 +14,11 @@ its "rows". One kernel per pass, each serving forward and backward (BACKWARD swi
 Training forward = reduce + merge + apply (x is read twice, y written once); eval forward
 = apply; backward = reduce + merge + apply with batch statistics, apply alone for the input
 gradient through constant statistics. On a GPU, persistent.py runs the three as one launch
-where persistent_plan.py allows (the second read of x then comes from L2). NCHW and channels_last differ only in constexpr
-switches (FLAT_ROWS, CHANNEL_SPAN, S_CONST: NCHW row tiles divide r // S by a constant, a
-multiply-high, where a runtime S costs an integer division per vector) and the tile shape
-the launch plan picks. The reduce and apply loops are software-pipelined, STAGES deep
-(plan.PIPELINE_STAGES).
+where persistent_plan.py allows (the second read of x then comes from L2). NCHW and
+channels_last differ only in constexpr switches (FLAT_ROWS, CHANNEL_SPAN, S_CONST: NCHW
+row tiles divide r // S by a constant, a multiply-high, where a runtime S costs an integer
+division per vector) and the tile shape the launch plan picks. The reduce and apply loops
+are software-pipelined, STAGES deep (plan.REDUCE_STAGES, plan.APPLY_STAGES).
 
 Fused epilogue (ACTIVATION, HAS_RESIDUAL): forward stores act(z), z = bn(x) + residual,
 from the apply kernel; backward turns dL/dy into dL/dz where it reads it, in both the

@@ -129,8 +129,8 @@ def _persistent_kernel(
         flag = tl.load(state_ptr + 2, volatile=True)  # a barrier gave up: write nothing
         q = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         c = q * MERGE_C + tl.arange(0, MERGE_C)
-        _merge_channels(part_ptr, c, (c < C) & ((c * 0 + flag) == 0), out0_ptr, out1_ptr, out2_ptr,
-                        dbias_ptr, dweight_ptr, rm_ptr, rv_ptr, nbt_ptr, C, values,
+        _merge_channels(part_ptr, c, (c < C) & ((c * 0 + flag) == 0), out0_ptr, out1_ptr,
+                        out2_ptr, dbias_ptr, dweight_ptr, rm_ptr, rv_ptr, nbt_ptr, C, values,
                         split_values, tl.num_programs(1), eps, momentum_hi, momentum_lo,
                         srmC, srvC, BACKWARD, UPDATE_RUNNING, CUMULATIVE, HAS_DBIAS,
                         HAS_DWEIGHT, MERGE_S, ACC)

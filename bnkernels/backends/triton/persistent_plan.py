@@ -27,6 +27,7 @@ an A100's 164 KB. A refused grid falls back to the three kernels; it is not re-p
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Optional, Tuple
@@ -58,11 +59,10 @@ def settings() -> tuple:
     return MODE, L2_FRACTION, SPIN_LIMIT, INTERPRETER_PHASES, TRAP_ON_CPU
 
 
+@functools.lru_cache(maxsize=None)
 def _mps() -> bool:
+    """Whether an MPS daemon serves this process (read once)."""
     return bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")) or os.path.exists("/tmp/nvidia-mps")
-
-
-_MPS: list = []
 
 
 def on_default_stream(device: torch.device) -> bool:
@@ -86,9 +86,7 @@ def allowed(device: torch.device, splits: int, twice_bytes: int) -> bool:
         return False
     if device.type != "cuda":
         return MODE == "on"
-    if not _MPS:
-        _MPS.append(_mps())
-    if _MPS[0] or not on_default_stream(device):
+    if _mps() or not on_default_stream(device):
         return False
     if MODE == "on":
         return True
