@@ -18,15 +18,27 @@ torch before it is timed. GB/s counts 3 tensor sizes for fwd_train, 5 for bwd, 2
 fwd_eval and copy (the practical floor of docs/math.md).
 
 Rows are appended to DIR/bn.csv (DIR defaults to bench/results/<gpu>/), one line per
-(op, layout, dtype, shape, provider), with the device, versions and commit. launches: the
-device kernels one timed call runs (torch.profiler's CUDA kernel events; on CPU, --smoke,
-bnkernels' own launch counters, and empty for the other providers).
+(op, layout, dtype, shape, provider), each written as soon as it is measured (a run stopped
+part-way keeps its rows), with the device, versions and commit. launches: the device
+kernels one timed call runs (torch.profiler's CUDA kernel events; on CPU, --smoke,
+bnkernels' own launch counters, and empty for the other providers). floor_ms: the op's
+least traffic (LEAST_TENSORS: each input read once, each output written once) over the
+run's copy bandwidth.
 --smoke runs tiny shapes on CPU with a wall-clock timer: it checks the harness, not speed.
+
+Compiling first, in parallel: a fresh GPU machine compiles every Triton specialisation
+(the Triton provider's per shape, dtype and layout) and every Inductor graph (one per op,
+dtype and layout) on its first call, one after another, minutes of a timed run's budget.
+--compile-jobs J (default: the cores, at most 16, on a GPU) first runs each of them once in
+J worker processes (--warm-shard i/J: no timing, no rows); Triton's and Inductor's on-disk
+caches then hand the timed process the compiled code.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 COLUMNS = ["op", "layout", "dtype", "N", "C", "H", "W", "provider", "median_ms", "p20_ms",
-           "p80_ms", "gbps", "launches", "gpu", "torch", "triton", "cuda", "commit"]
+           "p80_ms", "gbps", "launches", "floor_ms", "gpu", "torch", "triton", "cuda", "commit"]
 RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
                    (512, 28, 28), (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14),
                    (512, 7, 7), (2048, 7, 7)]
@@ -53,6 +65,13 @@ FUSED_OPS = ["bnrelu_fwd_train", "bnrelu_bwd", "bnaddrelu_fwd_train", "bnaddrelu
 TENSORS_MOVED = {"fwd_train": 3, "bwd": 5, "fwd_eval": 2, "copy": 2,
                  "bnrelu_fwd_train": 3, "bnrelu_bwd": 5, "bnaddrelu_fwd_train": 4,
                  "bnaddrelu_bwd": 8}
+# The least traffic of each op (docs/math.md, "The floor"): every input read once, every
+# output written once (training forward: x in, y out; backward: x and dy in, dx out; the
+# fused epilogues add the residual, or its gradient, and the backward's relu mask is
+# recomputed from x). floor_ms = these bytes / the run's copy bandwidth.
+LEAST_TENSORS = {"fwd_train": 2, "bwd": 3, "fwd_eval": 2, "copy": 2,
+                 "bnrelu_fwd_train": 2, "bnrelu_bwd": 3, "bnaddrelu_fwd_train": 3,
+                 "bnaddrelu_bwd": 5}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -183,7 +202,58 @@ def _check(case, reference, dtype):
             raise AssertionError(f"{case.provider} {case.op}: relative error {err.item():.2e}")
 
 
-def run(args) -> list[dict]:
+# What compiles on a first call: the Triton backend's kernels (per shape), Inductor's
+# graph (per op, dtype and layout, dynamic shapes). cuDNN and csrc/ have nothing to compile.
+COMPILING_PROVIDERS = ("bnkernels_triton", "bnkernels_triton_3k", "inductor")
+
+
+def warm_tasks(jobs, providers) -> list:
+    """(job, provider) for every first call that compiles: each Triton job, and one
+    Inductor job per (op, layout, dtype); Inductor's first, the longest compiles."""
+    inductor, triton = [], []
+    seen = set()
+    for job in jobs:
+        op, layout, dname, _ = job
+        if "inductor" in providers and (op, layout, dname) not in seen:
+            seen.add((op, layout, dname))
+            inductor.append((job, "inductor"))
+        triton += [(job, p) for p in providers if p in COMPILING_PROVIDERS and p != "inductor"]
+    return inductor + triton
+
+
+def warm_shard(args, jobs, providers, device, shard: int, shards: int) -> int:
+    """One worker of --compile-jobs: the first call of every shard-th warm task."""
+    for (op, layout, dname, (c, h, w)), provider in warm_tasks(jobs, providers)[shard::shards]:
+        with common.backend_for(provider):
+            case = _Case(op, provider, (args.batch, c, h, w), DTYPES[dname], layout, device)
+            case.timed_call()()
+        del case
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 0
+
+
+def compile_in_parallel(argv, jobs_count: int) -> None:
+    """Runs this script's warm shards in jobs_count processes and waits for them; a shard
+    that fails only costs the timed run its compile time (the timed run reports errors)."""
+    start = time.monotonic()
+    workers = [subprocess.Popen([sys.executable, __file__, *argv, "--compile-jobs", "0",
+                                 "--warm-shard", f"{i}/{jobs_count}"])
+               for i in range(jobs_count)]
+    failed = sum(w.wait() != 0 for w in workers)
+    print(f"compiled in {jobs_count} processes in {time.monotonic() - start:.0f} s"
+          + (f" ({failed} failed)" if failed else ""), flush=True)
+
+
+def _jobs(args, shapes):
+    return [(op, layout, dname, chw) for op in args.ops.split(",") if op
+            for layout in args.layouts.split(",") for dname in args.dtypes.split(",")
+            for chw in shapes]
+
+
+def run(args, emit) -> int:
+    """Times every job; emit(row) writes each row as soon as it is measured (a run stopped
+    part-way keeps what it measured). Returns the rows written."""
     device = "cpu" if args.smoke else "cuda"
     if device == "cpu":
         common.emulate_on_cpu()
@@ -193,20 +263,20 @@ def run(args) -> list[dict]:
     meta = dict(gpu=common.device_name(device), torch=torch.__version__,
                 triton=common.triton_version(), cuda=torch.version.cuda or "none",
                 commit=common.commit())
-    ops = [op for op in args.ops.split(",") if op]
-    unknown = set(ops) - set(OPS + FUSED_OPS)
-    if unknown:
-        raise SystemExit(f"unknown --ops {sorted(unknown)}; choose from {OPS + FUSED_OPS}")
-    jobs = [(op, layout, dname, chw) for op in ops for layout in args.layouts.split(",")
-            for dname in args.dtypes.split(",") for chw in shapes]
-    rows = []
+    jobs = _jobs(args, shapes)
+    if args.warm_shard:
+        shard, shards = (int(v) for v in args.warm_shard.split("/"))
+        return warm_shard(args, jobs, providers, device, shard, shards)
+    written = 0
     copy_src = torch.empty(2**28 if device == "cuda" else 2**16, device=device)
     copy_dst = torch.empty_like(copy_src)
     med, p20, p80 = _time(functools.partial(copy_dst.copy_, copy_src), device)
     nbytes = 2 * copy_src.numel() * copy_src.element_size()
-    rows.append(dict(op="copy", layout="-", dtype="float32", N=copy_src.numel(), C=1, H=1, W=1,
-                     provider="torch", median_ms=med, p20_ms=p20, p80_ms=p80,
-                     gbps=nbytes / med / 1e6, launches=1, **meta))
+    bytes_per_ms = nbytes / med  # the run's copy bandwidth: every floor_ms divides by it
+    emit(dict(op="copy", layout="-", dtype="float32", N=copy_src.numel(), C=1, H=1, W=1,
+              provider="torch", median_ms=med, p20_ms=p20, p80_ms=p80,
+              gbps=nbytes / med / 1e6, launches=1, floor_ms=med, **meta))
+    written += 1
     del copy_src, copy_dst
     try:  # a progress bar where tqdm is installed; a line per job either way
         from tqdm import tqdm
@@ -217,6 +287,7 @@ def run(args) -> list[dict]:
         dtype = DTYPES[dname]
         shape = (args.batch, c, h, w)
         reference = _Case(op, "torch", shape, dtype, layout, device).output()
+        timed = []
         for provider in providers:
             with common.backend_for(provider):
                 case = _Case(op, provider, shape, dtype, layout, device)
@@ -225,19 +296,21 @@ def run(args) -> list[dict]:
                 launched = (_launches(case.timed_call(), device)
                             if device == "cuda" or provider in common.BNKERNELS_PROVIDERS
                             else "")
-            moved = TENSORS_MOVED[op] * case.x.numel() * case.x.element_size()
-            rows.append(dict(op=op, layout=layout, dtype=dname, N=shape[0], C=c, H=h, W=w,
-                             provider=provider, median_ms=med, p20_ms=p20, p80_ms=p80,
-                             gbps=moved / med / 1e6, launches=launched, **meta))
+            size = case.x.numel() * case.x.element_size()
+            emit(dict(op=op, layout=layout, dtype=dname, N=shape[0], C=c, H=h, W=w,
+                      provider=provider, median_ms=med, p20_ms=p20, p80_ms=p80,
+                      gbps=TENSORS_MOVED[op] * size / med / 1e6, launches=launched,
+                      floor_ms=LEAST_TENSORS[op] * size / bytes_per_ms, **meta))
+            written += 1
+            timed.append(f"{provider} {med:.3f} ms")
             del case
-        print(f"[{i}/{len(jobs)}] {op} {layout} {dname} {shape}: " + ", ".join(
-            f"{r['provider']} {r['median_ms']:.3f} ms" for r in rows[-len(providers):]),
-            flush=True)
+        print(f"[{i}/{len(jobs)}] {op} {layout} {dname} {shape}: " + ", ".join(timed),
+              flush=True)
         if progress is not None:
             progress.update()
     if progress is not None:
         progress.close()
-    return rows
+    return written
 
 
 def main(argv=None) -> int:
@@ -251,7 +324,15 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default=",".join(OPS),
                         help="comma list of " + ", ".join(OPS + FUSED_OPS))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--compile-jobs", type=int, default=None,
+                        help="processes that compile first (default: the cores, at most "
+                        "16, on a GPU; 0 under --smoke)")
+    parser.add_argument("--warm-shard", default="", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    unknown = {op for op in args.ops.split(",") if op} - set(OPS + FUSED_OPS)
+    if unknown:
+        raise SystemExit(f"unknown --ops {sorted(unknown)}; choose from {OPS + FUSED_OPS}")
     if args.smoke:
         args.batch = min(args.batch, 2)
         args.providers = args.providers.replace("inductor", "").replace(",,", ",").strip(",")
@@ -259,9 +340,17 @@ def main(argv=None) -> int:
         print("bench_bn.py times on a CUDA GPU; there is none here (use --smoke to check "
               "the harness, or `python -m bnkernels.selfcheck` for correctness).")
         return 2
-    rows = run(args)
-    path = common.append_rows(args.out, "cpu" if args.smoke else "cuda", "bn.csv", COLUMNS, rows)
-    print(f"{len(rows)} rows appended to {path}")
+    if args.warm_shard:
+        return run(args, None)
+    jobs_count = args.compile_jobs
+    if jobs_count is None:
+        jobs_count = 0 if args.smoke else min(os.cpu_count() or 1, 16)
+    if jobs_count > 1:
+        compile_in_parallel(argv, jobs_count)
+    path = common.results_path(args.out, "cpu" if args.smoke else "cuda", "bn.csv")
+    with common.csv_rows(path, COLUMNS) as emit:
+        written = run(args, emit)
+    print(f"{written} rows appended to {path}")
     return 0
 
 

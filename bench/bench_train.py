@@ -8,7 +8,8 @@ bnkernels_fused (convert_batchnorm(fuse=True): BN+ReLU and BN+add+ReLU fused), a
 
 torchvision's ResNet-50 (bench/resnet.py's where torchvision is missing), channels_last,
 bfloat16 autocast, SGD; images/s over the timed steps after warm-up, and the peak memory.
-Rows are appended to DIR/train.csv (DIR defaults to bench/results/<gpu>/).
+Rows are appended to DIR/train.csv (DIR defaults to bench/results/<gpu>/), each as
+soon as its variant is measured.
 """
 from __future__ import annotations
 
@@ -59,6 +60,23 @@ def images_per_second(model, batch, steps, warmup, device):
     return batch * steps / seconds, 1e3 * seconds / steps, peak
 
 
+def _run_variant(variant, base, name, args, meta, emit):
+    model = copy.deepcopy(base)
+    kind = variant.removesuffix("+compile")
+    if kind == "bnkernels":
+        model = bnkernels.convert_batchnorm(model)
+    elif kind == "bnkernels_fused":
+        model = bnkernels.convert_batchnorm(model, fuse=True)
+    elif kind != "torch_batchnorm":
+        raise SystemExit(f"unknown variant {variant!r}")
+    if variant.endswith("+compile"):
+        model = torch.compile(model)
+    ips, ms, peak = images_per_second(model, args.batch, args.steps, args.warmup, args.device)
+    emit(dict(model=name, variant=variant, batch=args.batch, images_per_s=ips, step_ms=ms,
+              peak_mem_gb=peak, **meta))
+    print(f"{variant}: {ips:.1f} images/s, {ms:.1f} ms/step, peak {peak:.2f} GB", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -72,24 +90,10 @@ def main(argv=None) -> int:
     base = base.to(args.device).to(memory_format=torch.channels_last)
     meta = dict(device=common.device_name(args.device), torch=torch.__version__,
                 triton=common.triton_version(), commit=common.commit())
-    rows = []
-    for variant in args.variants.split(","):
-        model = copy.deepcopy(base)
-        kind = variant.removesuffix("+compile")
-        if kind == "bnkernels":
-            model = bnkernels.convert_batchnorm(model)
-        elif kind == "bnkernels_fused":
-            model = bnkernels.convert_batchnorm(model, fuse=True)
-        elif kind != "torch_batchnorm":
-            raise SystemExit(f"unknown variant {variant!r}")
-        if variant.endswith("+compile"):
-            model = torch.compile(model)
-        ips, ms, peak = images_per_second(model, args.batch, args.steps, args.warmup, args.device)
-        rows.append(dict(model=name, variant=variant, batch=args.batch, images_per_s=ips,
-                         step_ms=ms, peak_mem_gb=peak, **meta))
-        print(f"{variant}: {ips:.1f} images/s, {ms:.1f} ms/step, peak {peak:.2f} GB", flush=True)
-        del model
-    path = common.append_rows(args.out, args.device, "train.csv", COLUMNS, rows)
+    path = common.results_path(args.out, args.device, "train.csv")
+    with common.csv_rows(path, COLUMNS) as emit:  # each row as it is measured
+        for variant in args.variants.split(","):
+            _run_variant(variant, base, name, args, meta, emit)
     print(f"rows appended to {path}")
     return 0
 

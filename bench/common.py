@@ -83,11 +83,16 @@ def results_dir_name(device: str) -> str:
     return device_name(device).lower()
 
 
-def append_rows(out_dir, device: str, filename: str, columns, rows) -> Path:
-    """Appends rows to out_dir/filename, out_dir defaulting to bench/results/<device's
-    folder> (results_dir_name); returns the path."""
+def results_path(out_dir, device: str, filename: str) -> Path:
+    """out_dir/filename, out_dir defaulting to bench/results/<device's folder>
+    (results_dir_name)."""
     out = out_dir or Path(__file__).resolve().parent / "results" / results_dir_name(device)
-    path = out / filename
+    return out / filename
+
+
+def append_rows(out_dir, device: str, filename: str, columns, rows) -> Path:
+    """Appends rows to results_path(out_dir, device, filename); returns the path."""
+    path = results_path(out_dir, device, filename)
     with csv_rows(path, columns) as emit:
         for row in rows:
             emit(row)

@@ -149,3 +149,26 @@ def test_static_check_of_the_persistent_pass_quick(tmp_path):
         assert int(r["spills"]) == 0, r
         assert int(r["programs"]) <= int(r["resident"]), r
         assert int(r["loops_128"]) >= 2, r  # the reduce's and the apply's
+
+
+@needs_binder
+def test_variants_recorded_here_compile_with_another_triton(tmp_path):
+    """bench/compile_other_triton.py: the variants specialised by this triton's binder,
+    written as JSON and compiled back from it (on the GPU machine's triton 3.6 by hand;
+    here by this one), read as static_check reads them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = str(BENCH / "compile_other_triton.py")
+    variants = tmp_path / "variants.json"
+    subprocess.run([sys.executable, script, "record", str(variants), "--quick"], env=env,
+                   check=True, capture_output=True, timeout=600)
+    import json
+    recorded = json.loads(variants.read_text())
+    assert {v["name"] for v in recorded} == {"_reduce_kernel", "_merge_kernel",
+                                             "_apply_kernel", "_persistent_kernel"}
+    done = subprocess.run([sys.executable, script, "compile", str(variants), "--limit", "4",
+                           "--jobs", "2", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = next(tmp_path.glob("summary_triton*_sm90.md")).read_text()
+    assert "# 4 kernel variants compiled for sm_90" in summary
+    assert "- failed to compile: 0" in summary and "- spilling: 0" in summary
