@@ -208,28 +208,32 @@ def run_stage(stage: str, out: Path, dry: bool, extra: list, budget_s: float) ->
                f"{budget_s:.0f} s" + (" (dry run on CPU)" if dry else "")]
     print(summary[0], flush=True)
     worst = 0
-    for argv, log_name, gpu_tool in commands(stage, out, dry, extra):
-        line = " ".join(shlex.quote(a) for a in argv)
-        with open(out / log_name, "a") as log:
-            log.write(f"$ {line}\n")
-            log.flush()
-            if gpu_tool and (dry or shutil.which(argv[0]) is None):
-                log.write(f"(not run: {'dry run' if dry else argv[0] + ' is not installed'})\n")
-                summary.append(f"skipped {argv[0]}")
-                continue
-            if time.monotonic() >= deadline:
-                log.write(f"(not run: the stage's budget of {budget_s:.0f} s is spent)\n")
-                summary.append(f"not run (budget spent): {line}")
-                worst = worst or 124
-                continue
-            rc = _run_until(argv, env, log, deadline)
-            if rc == 124:
-                log.write(f"\n(stopped: the stage's budget of {budget_s:.0f} s ran out)\n")
-        summary.append(f"rc {rc}{' (budget ran out)' if rc == 124 else ''}: {line}")
-        worst = worst or rc
-    summary.append(f"elapsed {time.monotonic() - start:.0f} s")
-    (out / f"stage{STAGES.index(stage) + 1}.txt").write_text("\n".join(summary) + "\n")
-    print(summary[-1], flush=True)
+    try:
+        for argv, log_name, gpu_tool in commands(stage, out, dry, extra):
+            line = " ".join(shlex.quote(a) for a in argv)
+            with open(out / log_name, "a") as log:
+                log.write(f"$ {line}\n")
+                log.flush()
+                if gpu_tool and (dry or shutil.which(argv[0]) is None):
+                    log.write(f"(not run: {'dry run' if dry else argv[0] + ' is not installed'})"
+                              "\n")
+                    summary.append(f"skipped {argv[0]}")
+                    continue
+                if time.monotonic() >= deadline:
+                    log.write(f"(not run: the stage's budget of {budget_s:.0f} s is spent)\n")
+                    summary.append(f"not run (budget spent): {line}")
+                    worst = worst or 124
+                    continue
+                summary.append(f"running: {line}")  # replaced by its exit code when it ends
+                rc = _run_until(argv, env, log, deadline)
+                if rc == 124:
+                    log.write(f"\n(stopped: the stage's budget of {budget_s:.0f} s ran out)\n")
+            summary[-1] = f"rc {rc}{' (budget ran out)' if rc == 124 else ''}: {line}"
+            worst = worst or rc
+    finally:  # also when the suite itself is stopped (SIGTERM): what ran, and for how long
+        summary.append(f"elapsed {time.monotonic() - start:.0f} s")
+        (out / f"stage{STAGES.index(stage) + 1}.txt").write_text("\n".join(summary) + "\n")
+        print(summary[-1], flush=True)
     return worst
 
 

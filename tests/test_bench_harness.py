@@ -217,6 +217,8 @@ sys.exit(gpu_suite.main(["core", "--out", {str(tmp_path)!r}, "--budget-s", "100"
         time.sleep(0.1)
     suite.send_signal(signal.SIGTERM)
     assert suite.wait(timeout=30) == 128 + signal.SIGTERM
+    summary = (tmp_path / "stage2.txt").read_text()  # still written: what was running
+    assert "running: " in summary and "elapsed" in summary
 
     def running(pid):  # (a zombie waiting for its reaper has ended)
         try:
