@@ -260,13 +260,13 @@ def run(args, emit) -> int:
     shapes = [(4, 6, 6), (8, 3, 3)] if args.smoke else (
         QUICK_SHAPES if args.quick else RESNET50_SHAPES)
     providers = [p for p in args.providers.split(",") if p]
-    meta = dict(gpu=common.device_name(device), torch=torch.__version__,
-                triton=common.triton_version(), cuda=torch.version.cuda or "none",
-                commit=common.commit())
     jobs = _jobs(args, shapes)
     if args.warm_shard:
         shard, shards = (int(v) for v in args.warm_shard.split("/"))
         return warm_shard(args, jobs, providers, device, shard, shards)
+    meta = dict(gpu=common.device_name(device), torch=torch.__version__,
+                triton=common.triton_version(), cuda=torch.version.cuda or "none",
+                commit=common.commit())
     written = 0
     copy_src = torch.empty(2**28 if device == "cuda" else 2**16, device=device)
     copy_dst = torch.empty_like(copy_src)

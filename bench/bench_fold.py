@@ -113,8 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10, help="CPU only: timed runs per row")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    out = args.out or Path(__file__).resolve().parent / "results" / common.results_dir_name(args.device)
-    path = out / "fold.csv"
+    path = common.results_path(args.out, args.device, "fold.csv")
     with common.csv_rows(path, COLUMNS) as emit:
         run(args, emit)
     print(f"rows appended to {path}")

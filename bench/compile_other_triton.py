@@ -40,20 +40,11 @@ def record(path: Path, quick: bool = False) -> int:
     import static_check_persistent
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    from bnkernels.backends.triton import persistent_plan
     backend = make_backend(GPUTarget("cuda", 90, 32))
     variants: dict = {}
-    shapes, batches = ((static_check.QUICK_SHAPES, [32]) if quick else
-                       (static_check.RESNET50_SHAPES, [32, 128]))
-    dtypes = ["bfloat16"] if quick else list(static_check.DTYPES)
-    static_check._record(static_check.PASSES, shapes, batches, dtypes, static_check.LAYOUTS,
-                         backend, variants)
+    static_check.record_passes(quick, backend, variants)  # first: the three kernels
     three = len(variants)
-    persistent_plan.MODE, persistent_plan.INTERPRETER_PHASES = "on", False
-    persistent_plan.TRAP_ON_CPU = True  # the GPU's variant
-    static_check._record(static_check_persistent.PASSES, shapes, batches,
-                         ["bfloat16"] if quick else ["bfloat16", "float32"],
-                         static_check.LAYOUTS, backend, variants)
+    static_check_persistent.record_passes(quick, backend, variants)
     encoded = [{"name": name, "signature": dict(signature),
                 "constexprs": [[list(k), _encode(v)] for k, v in constexprs.items()],
                 "attrs": [[list(k), [list(a) for a in v]] for k, v in attrs.items()],

@@ -53,13 +53,11 @@ def main(argv=None) -> int:
     base = base.to(args.device).to(memory_format=torch.channels_last).train()
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     x = x.contiguous(memory_format=torch.channels_last)
-    out = args.out or (Path(__file__).resolve().parent / "results"
-                       / common.results_dir_name(args.device))
-    out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=name, batch=args.batch, size=args.size, dtype="bfloat16 autocast",
                 device=common.device_name(args.device), torch=torch.__version__,
                 commit=common.commit())
-    with common.csv_rows(out / "saved_memory.csv", COLUMNS) as emit:
+    with common.csv_rows(common.results_path(args.out, args.device, "saved_memory.csv"),
+                         COLUMNS) as emit:
         for variant in ("torch_batchnorm", "bnkernels", "bnkernels_fused"):
             model = copy.deepcopy(base)
             if variant != "torch_batchnorm":

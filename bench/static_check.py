@@ -345,16 +345,21 @@ def _pass_total(rows: list) -> dict:
             "inflight_kb": min(r["inflight_kb"] for r in rows if r["kernel"] != "_merge_kernel")}
 
 
+def record_passes(quick: bool, backend, variants: dict) -> list:
+    """_record of this check's set: every pass on ResNet-50's shapes at N = 32 and 128,
+    three dtypes (quick: three shapes, N = 32, bfloat16)."""
+    if quick:
+        return _record(PASSES, QUICK_SHAPES, [32], ["bfloat16"], LAYOUTS, backend, variants)
+    return _record(PASSES, RESNET50_SHAPES, [32, 128], list(DTYPES), LAYOUTS, backend,
+                   variants)
+
+
 def run(arch: int, quick: bool, jobs: int) -> list:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     backend = make_backend(GPUTarget("cuda", arch, 32))
     variants: dict = {}
-    if quick:
-        calls = _record(PASSES, QUICK_SHAPES, [32], ["bfloat16"], LAYOUTS, backend, variants)
-    else:
-        calls = _record(PASSES, RESNET50_SHAPES, [32, 128], list(DTYPES), LAYOUTS, backend,
-                        variants)
+    calls = record_passes(quick, backend, variants)
     print(f"{len(calls)} calls, {sum(len(call[-1]) for call in calls)} launches, "
           f"{len(variants)} distinct variants to compile for sm_{arch}", flush=True)
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:

@@ -46,17 +46,25 @@ PASSES = ["fwd_train", "bwd", "bnaddrelu_fwd_train", "bnaddrelu_bwd"]
 L2_BYTES = 50 * 1024 * 1024  # an H100's
 
 
+def record_passes(quick: bool, backend, variants: dict) -> list:
+    """_record of this check's set, with the persistent pass forced on in its GPU variant
+    (which stays so: record static_check's passes first): its passes on ResNet-50's shapes
+    at N = 32 and 128, bfloat16 and float32 (quick: three shapes, N = 32, bfloat16)."""
+    from bnkernels.backends.triton import persistent_plan
+    persistent_plan.MODE, persistent_plan.INTERPRETER_PHASES = "on", False
+    persistent_plan.TRAP_ON_CPU = True  # the GPU's variant: a barrier that gives up traps
+    shapes, batches, dtypes = ((QUICK_SHAPES, [32], ["bfloat16"]) if quick else
+                               (RESNET50_SHAPES, [32, 128], ["bfloat16", "float32"]))
+    return _record(PASSES, shapes, batches, dtypes, LAYOUTS, backend, variants)
+
+
 def run(arch: int, quick: bool, jobs: int) -> list:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from bnkernels.backends.triton import persistent_plan
-    persistent_plan.MODE, persistent_plan.INTERPRETER_PHASES = "on", False
-    persistent_plan.TRAP_ON_CPU = True  # the GPU's variant: a barrier that gives up traps
     backend = make_backend(GPUTarget("cuda", arch, 32))
     variants: dict = {}
-    shapes, batches, dtypes = ((QUICK_SHAPES, [32], ["bfloat16"]) if quick else
-                               (RESNET50_SHAPES, [32, 128], ["bfloat16", "float32"]))
-    calls = _record(PASSES, shapes, batches, dtypes, LAYOUTS, backend, variants)
+    calls = record_passes(quick, backend, variants)
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
         futures = {key: pool.submit(_compile, arch, v) for key, v in variants.items()}
         reads = {key: f.result() for key, f in futures.items()}
