@@ -26,6 +26,31 @@ _SCALAR_TYPE_NAMES = {
     torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble",
 }
+def _eps_refusals() -> dict:
+    """What the installed torch says of an eps <= 0, read off its own batch_norm once, at
+    import: {(training, eps < 0): (error type, message before the eps, whether the eps
+    follows), or None where torch accepts it}. The rule changed between releases: torch
+    2.11 refuses every eps <= 0 ("must be positive"); 2.13 accepts eps = 0 in eval and words
+    the training and the negative cases apart. A drop-in refuses what the torch beside it
+    refuses, in its words."""
+    refusals = {}
+    x, mean, var = (torch.ones(2, 1, device="cpu"), torch.zeros(1, device="cpu"),
+                    torch.ones(1, device="cpu"))
+    for training in (False, True):
+        for probe in (0.0, -1.0):
+            verdict = None
+            try:
+                torch.nn.functional.batch_norm(x, mean.clone(), var.clone(), training=training,
+                                               eps=probe)
+            except Exception as error:  # noqa: BLE001 - whatever torch raises, we raise
+                text, tail = str(error), str(probe)
+                with_eps = text.endswith(tail)
+                verdict = (type(error), text[:-len(tail)] if with_eps else text, with_eps)
+            refusals[training, probe < 0.0] = verdict
+    return refusals
+
+
+_EPS_REFUSALS = _eps_refusals()
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _REDUCED_FLOATS = (torch.float16, torch.bfloat16)
 
@@ -116,10 +141,9 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
                 raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with "
                                    f"respect to argument '{name}'. This input cannot have "
                                    "requires_grad True.")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if eps <= 0.0 and _EPS_REFUSALS[training, eps < 0.0] is not None:
+        error, text, with_eps = _EPS_REFUSALS[training, eps < 0.0]
+        raise error(f"{text}{eps}" if with_eps else text)
     if training and local_count_check and n * s == 1:  # SyncBatchNorm counts globally
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {input.size()}")

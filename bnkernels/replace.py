@@ -6,12 +6,13 @@ keep working. What is left on torch's (or timm's) code is reported with the reas
 (ConvertReport, and the "bnkernels.convert" logger)."""
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormForward
 from .norm_act import BatchNormDropAct2d
@@ -24,6 +25,9 @@ _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
 # Classes of other libraries, by qualified name (bnkernels imports none of them): timm's
 # BatchNorm + drop + act, whose forward is nn.BatchNorm2d's followed by self.drop, self.act.
 _NAMED_REPLACEMENTS = {"timm.layers.norm_act.BatchNormAct2d": BatchNormDropAct2d}
+# torch 2.13's BatchNorm takes bias=False (a weight with no bias); torch 2.11's has no such
+# argument, and there a bias set to None by hand is carried over by converted()'s copy.
+_TAKES_BIAS_FLAG = "bias" in inspect.signature(_NormBase.__init__).parameters
 # BatchNorms with constant statistics and affine, as buffers: what fold_conv_bn folds.
 FROZEN_BATCHNORMS = ("torchvision.ops.misc.FrozenBatchNorm2d",
                      "timm.layers.norm.FrozenBatchNorm2d",
@@ -80,7 +84,7 @@ def _why_left(module: nn.Module) -> Optional[str]:
 def converted(bn: nn.modules.batchnorm._BatchNorm, cls: type, **kwargs) -> nn.Module:
     """A cls instance holding bn's very Parameter and buffer objects, flags and mode."""
     # Built on the meta device (nothing allocated), then handed the originals' tensors.
-    if bn.affine and bn.bias is None:
+    if bn.affine and bn.bias is None and _TAKES_BIAS_FLAG:
         kwargs["bias"] = False
     new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
               device="meta", **kwargs)

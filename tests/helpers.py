@@ -1,5 +1,6 @@
 """Inputs, layouts, tolerances and the "kernels really ran" guard shared by the tests."""
 import contextlib
+import inspect
 from unittest import mock
 
 import torch
@@ -30,6 +31,23 @@ BN_CLASSES = {2: (torch.nn.BatchNorm1d, bnkernels.BatchNorm1d),
               3: (torch.nn.BatchNorm1d, bnkernels.BatchNorm1d),
               4: (torch.nn.BatchNorm2d, bnkernels.BatchNorm2d),
               5: (torch.nn.BatchNorm3d, bnkernels.BatchNorm3d)}
+
+# torch 2.13's BatchNorm takes bias=False; torch 2.11's (the GPU image's) does not, and there
+# a bias-free BatchNorm is made as a user of it would: the bias registered as None.
+BN_TAKES_BIAS_FLAG = "bias" in inspect.signature(
+    torch.nn.modules.batchnorm._NormBase.__init__).parameters
+
+
+def make_bn(cls, c, bias=True, **kwargs):
+    """cls(c, bias=bias, **kwargs) on any torch: see BN_TAKES_BIAS_FLAG."""
+    if bias:
+        return cls(c, **kwargs)
+    if BN_TAKES_BIAS_FLAG:
+        return cls(c, bias=False, **kwargs)
+    bn = cls(c, **kwargs)
+    bn.register_parameter("bias", None)
+    return bn
+
 
 LAYOUTS = ("contiguous", "channels_last", "channel_slice", "spatial_slice", "expanded",
            "stepped", "transposed")
@@ -181,7 +199,7 @@ def bn_pair(dim, c, dtype, device, **kwargs):
     """A torch BatchNorm and a bnkernels one with the same random state (weight, bias and
     running statistics not at their defaults)."""
     torch_cls, ours_cls = BN_CLASSES[dim]
-    ref = torch_cls(c, **kwargs).to(device)
+    ref = make_bn(torch_cls, c, **kwargs).to(device)
     with torch.no_grad():
         w, b, rm, rv = random_params(c, torch.float32, device)
         if ref.weight is not None:
@@ -192,7 +210,7 @@ def bn_pair(dim, c, dtype, device, **kwargs):
             ref.running_mean.copy_(rm)
             ref.running_var.copy_(rv)
     ref = ref.to(dtype)
-    ours = ours_cls(c, **kwargs).to(device, dtype)
+    ours = make_bn(ours_cls, c, **kwargs).to(device, dtype)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 

@@ -59,3 +59,45 @@ def test_bad_backend_value(monkeypatch):
     with pytest.raises(ValueError, match="BNKERNELS_BACKEND='cudnn' is not one of auto, "
                                          "triton, cuda, torch"):
         bnkernels.batch_norm(torch.randn(2, 3), None, None, training=True)
+
+
+def _old_patch_lang_tensor(tensor, scope):
+    """triton 3.6's interpreter, as far as the fix reads it: the line below is its own."""
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+
+def test_an_old_interpreter_indexes_its_scalars_under_new_numpy(monkeypatch):
+    """triton 3.6's interpreter turns a (1,)-shaped scalar into an int with int(array),
+    which numpy 2.4 refuses; interpreter_compat makes it squeeze first, as 3.9's does."""
+    np = pytest.importorskip("numpy")
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    from bnkernels.backends.triton import interpreter_compat
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _old_patch_lang_tensor)
+    monkeypatch.setattr(interpreter_compat, "_patched", False)
+    assert interpreter_compat.patch_interpreter()
+    assert interpreter._patch_lang_tensor is not _old_patch_lang_tensor
+
+    class Handle:
+        data = np.array([7], dtype=np.int32)  # how the interpreter holds a scalar
+
+    class Tensor:
+        handle = Handle()
+
+    scope = interpreter._LangPatchScope()
+    interpreter._patch_lang_tensor(Tensor, scope)
+    assert range(Tensor())[-1] == 6  # range() calls __index__
+    scope.restore()
+    assert not hasattr(Tensor, "__index__")  # the interpreter's restore undoes it too
+
+
+def test_an_interpreter_that_squeezes_is_left_alone(monkeypatch):
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    from bnkernels.backends.triton import interpreter_compat
+
+    def squeezing(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", squeezing)
+    monkeypatch.setattr(interpreter_compat, "_patched", False)
+    assert not interpreter_compat.patch_interpreter()
+    assert interpreter._patch_lang_tensor is squeezing

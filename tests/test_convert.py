@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import bnkernels
-from helpers import kernels_only, make_input
+from helpers import kernels_only, make_bn, make_input
 
 
 class Block(nn.Module):
@@ -55,13 +55,31 @@ def test_convert_nested_model(device):
 
 
 def test_convert_keeps_flags_dtype_and_skips_subclasses(device):
-    model = nn.Sequential(nn.BatchNorm2d(3, bias=False, eps=1e-3), MyBN(3),
+    model = nn.Sequential(make_bn(nn.BatchNorm2d, 3, bias=False, eps=1e-3), MyBN(3),
                           nn.BatchNorm2d(3).double()).to(device).eval()
     bnkernels.convert_batchnorm(model)
     assert type(model[0]) is bnkernels.BatchNorm2d and model[0].bias is None
     assert model[0].eps == 1e-3 and not model[0].training
     assert type(model[1]) is MyBN  # a user's subclass may have its own forward
     assert model[2].weight.dtype == torch.float64 and model[2].weight.device.type == device
+
+
+def test_convert_keeps_a_missing_bias_where_torch_has_no_bias_flag(monkeypatch):
+    """torch 2.11's BatchNorm has no bias=False: a bias set to None by hand must still come
+    through the conversion as None (not as a new zero bias, not as a TypeError)."""
+    from bnkernels import replace
+    monkeypatch.setattr(replace, "_TAKES_BIAS_FLAG", False)
+    bn = nn.BatchNorm2d(3)
+    bn.register_parameter("bias", None)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 4, 4)
+    new = bnkernels.convert_batchnorm(bn)
+    assert type(new) is bnkernels.BatchNorm2d and new.bias is None and new.weight is bn.weight
+    assert [n for n, _ in new.named_parameters()] == ["weight"]
+    with kernels_only():
+        y = new(x)
+    torch.testing.assert_close(y, bn(x), rtol=1e-5, atol=1e-5)
 
 
 def test_convert_a_bare_batchnorm():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import bnkernels
-from helpers import bn_pair
+from helpers import bn_pair, kernels_only
 
 
 def _state(m):
@@ -83,6 +83,46 @@ def test_functional_errors_like_torch(case, device):
         _assert_same_error(lambda: torch.nn.functional.batch_norm(**kwargs),
                            lambda: bnkernels.batch_norm(**kwargs))
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("eps", [0.0, -1.0, -1e-30, 0])
+def test_eps_at_or_below_zero_is_refused_exactly_where_torch_refuses_it(eps, training, device):
+    """torch's rule moved between releases (2.11 refuses any eps <= 0; 2.13 takes eps = 0
+    in eval): bnkernels follows the torch it runs beside, its verdict and its words."""
+    x = torch.randn(2, 3, 4, device=device)
+    stats = lambda: (torch.zeros(3, device=device), torch.ones(3, device=device))  # noqa: E731
+    try:
+        expected = torch.nn.functional.batch_norm(x, *stats(), training=training, eps=eps)
+    except Exception:  # noqa: BLE001 - torch refuses it: so must we, in its words
+        rm, rv = stats()
+        _assert_same_error(
+            lambda: torch.nn.functional.batch_norm(x, *stats(), training=training, eps=eps),
+            lambda: bnkernels.batch_norm(x, rm, rv, training=training, eps=eps))
+        assert torch.equal(rm, stats()[0]) and torch.equal(rv, stats()[1])
+        return
+    with kernels_only():
+        got = bnkernels.batch_norm(x, *stats(), training=training, eps=eps)
+    torch.testing.assert_close(got, expected)
+
+
+def test_the_eps_rule_is_read_off_torch(monkeypatch):
+    """_eps_refusals() under a batch_norm with torch 2.11's rule (any eps <= 0 refused,
+    one wording): bnkernels then refuses all four cases, in those words."""
+    from bnkernels import functional
+
+    def batch_norm_2_11(input, running_mean, running_var, weight=None, bias=None,
+                        training=False, momentum=0.1, eps=1e-5):
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", batch_norm_2_11)
+    refusals = functional._eps_refusals()
+    assert refusals == {key: (ValueError, "batch_norm eps must be positive, but got ", True)
+                        for key in ((False, False), (False, True), (True, False), (True, True))}
+    monkeypatch.setattr(functional, "_EPS_REFUSALS", refusals)
+    with pytest.raises(ValueError, match=r"^batch_norm eps must be positive, but got 0\.0$"):
+        bnkernels.batch_norm(torch.randn(2, 3), torch.zeros(3), torch.ones(3), eps=0.0)
 
 
 def test_momentum_none_in_functional_is_a_type_error(device):

@@ -11,7 +11,7 @@ from torch import nn
 import bnkernels
 from bnkernels.fold import FoldedBatchNorm
 from bnkernels.fold_math import fold_bn_into_weights
-from helpers import assert_onnx_export_matches
+from helpers import assert_onnx_export_matches, make_bn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import resnet  # noqa: E402
@@ -63,7 +63,7 @@ LAYERS = [
     (nn.Linear(5, 6), nn.BatchNorm1d(6), (4, 5)),
     (nn.Linear(5, 6, bias=False), nn.BatchNorm1d(6, affine=False), (4, 5)),
     (nn.Conv2d(4, 6, 3), bnkernels.BatchNorm2d(6), (2, 4, 6, 6)),
-    (nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, bias=False), (2, 4, 6, 6)),
+    (nn.Conv2d(4, 6, 3), make_bn(nn.BatchNorm2d, 6, bias=False), (2, 4, 6, 6)),
 ]
 
 

@@ -17,6 +17,7 @@ from ...caches import keep
 from ...layout import acc_dtype, ncs_shape, ncs_strides
 from ..contract import (BackwardCall, ForwardCall, GradSums, Normalizer, RunningUpdate,
                         backward_slots, forward_slots)
+from .interpreter_compat import patch_interpreter
 from .kernels import _apply_kernel, _merge_kernel, _reduce_kernel
 from .persistent import _persistent_kernel
 from . import persistent_plan
@@ -34,6 +35,7 @@ launch_counts: collections.Counter = collections.Counter()
 
 
 def _interpret(kernel, grid, args, meta) -> None:
+    patch_interpreter()  # once: triton 3.6's interpreter under numpy >= 2.4
     kernel[grid](*args, **meta)  # no runner: an interpreted call is never replayed
 
 
