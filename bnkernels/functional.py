@@ -26,6 +26,8 @@ _SCALAR_TYPE_NAMES = {
     torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble",
 }
+
+
 def _eps_refusals() -> dict:
     """What the installed torch says of an eps <= 0, read off its own batch_norm once, at
     import: {(training, eps < 0): (error type, message before the eps, whether the eps
