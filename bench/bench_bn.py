@@ -182,10 +182,12 @@ def _launches(call, device):
     call()
     if device != "cuda":
         from bnkernels import backends
-        before = [sum(backends.get(b).launch_counts().values()) for b in ("triton", "cuda")]
+
+        def launched():
+            return sum(sum(backends.get(b).launch_counts().values()) for b in ("triton", "cuda"))
+        before = launched()
         call()
-        after = [sum(backends.get(b).launch_counts().values()) for b in ("triton", "cuda")]
-        return sum(after) - sum(before)
+        return launched() - before
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

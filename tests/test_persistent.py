@@ -4,7 +4,7 @@ GPU, the same arithmetic as the three-kernel path.
 On CPU the interpreter runs the kernel's phases as three launches (persistent_plan's
 INTERPRETER_PHASES); every result is then bitwise the three kernels' (same partials, same
 merge order, same apply). On a GPU the kernel is one launch through its grid barriers,
-and its reduce runs at the apply's warps, so it is compared with the float64 reference
+and its apply runs at the reduce's warps, so it is compared with the float64 reference
 and, for reproducibility, with itself. The barrier's timeout runs through the
 interpreter too: there, with phases off, the first program waits for programs that never
 start.

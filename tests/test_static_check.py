@@ -17,6 +17,12 @@ import static_check  # noqa: E402
 needs_binder = pytest.mark.skipif(not static_check.binder_available(),
                                   reason="static_check drives triton 3.9's binder")
 
+
+def _compiling_env() -> dict:
+    """This environment without TRITON_INTERPRET: the kernels must be real JIT functions."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 COLUMNS = ("kernel,pass,dtype,layout,N,C,H,W,access_bits,idiv_per_elem,rcp_per_elem,regs,"
            "spills,instr_per_elem,mbytes,est_ratio,inflight_kb").split(",")
 
@@ -68,7 +74,7 @@ def test_programs_resident_per_sm():
 
 @needs_binder
 def test_static_check_quick_writes_the_table(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compiling_env()
     done = subprocess.run([sys.executable, str(BENCH / "static_check.py"), "--quick", "--arch",
                            "90", "--jobs", "2", "--out", str(tmp_path)], capture_output=True,
                           text=True, env=env, timeout=900)
@@ -110,7 +116,7 @@ def test_static_check_of_csrc_quick(tmp_path):
     """bench/static_check_csrc.py --quick: csrc/'s kernels as nvcc compiles them, read with
     the same reader and model: the large shapes take 128-bit vectors in every hot loop,
     with no division and no spill, estimated within 1.5x the floor (issue 18's bar)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compiling_env()
     done = subprocess.run([sys.executable, str(BENCH / "static_check_csrc.py"), "--quick",
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=900)
@@ -135,7 +141,7 @@ def test_static_check_of_the_persistent_pass_quick(tmp_path):
     compiles it (its barrier's trap included): no spill, its reduce and apply loops 128
     bits wide, and every grid within the programs an H100 holds at once, so that its
     barrier never waits for a program that cannot start."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compiling_env()
     done = subprocess.run([sys.executable, str(BENCH / "static_check_persistent.py"),
                            "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
                           env=env, timeout=900)
@@ -156,7 +162,7 @@ def test_variants_recorded_here_compile_with_another_triton(tmp_path):
     """bench/compile_other_triton.py: the variants specialised by this triton's binder,
     written as JSON and compiled back from it (on the GPU machine's triton 3.6 by hand;
     here by this one), read as static_check reads them."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compiling_env()
     script = str(BENCH / "compile_other_triton.py")
     variants = tmp_path / "variants.json"
     subprocess.run([sys.executable, script, "record", str(variants), "--quick"], env=env,

@@ -329,7 +329,6 @@ class Launch:
                             COUNT_BATCH=num_batches_tracked is not None,
                             HAS_DRES="dres" in self.tensors))
 
-
     def persistent(self, eps: float, outs: Tuple[torch.Tensor, ...], weight, bias,
                    activation: int, stats: Optional[Normalizer] = None,
                    update: Optional[RunningUpdate] = None,
@@ -354,7 +353,7 @@ class Launch:
         mean, spread = (stats.mean, _spread_of(stats)) if backward else (x, x)
         state = persistent_plan.barrier_state(x.device)
         interpreted = x.device.type != "cuda"
-        reduce_meta = dict(self._reduce_meta[not backward])
+        reduce_meta = dict(self._reduce_meta[not backward])  # (name, value) pairs
         base = dict(self._base_meta)
         meta = dict(self.meta(activation, weight, bias, BACKWARD=backward,
                               FROM_VAR=backward and stats.var is not None,
