@@ -73,8 +73,10 @@ setup(
     package_data={"bnkernels.backends.cuda": ["_lib/*.so", "_lib/*.digest"]},
     cmdclass={"build_py": BuildPyWithCuda},
     python_requires=">=3.10",
-    # torch is not pinned here: pick the build for your machine (see the README).
-    install_requires=["torch>=2.6", "triton>=3.6; platform_system == 'Linux'", "numpy"],
+    # torch is not pinned here: pick the build for your machine (see the README). The floors
+    # are the oldest releases the whole suite has passed on (the README lists the runs):
+    # Python 3.10, and torch 2.11 with the triton its CUDA wheels pin, 3.6.
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "onnx", "onnxruntime",
                              "onnxscript", "scikit-learn", "matplotlib", "torchvision", "timm"],
                     "bench": ["matplotlib"]},

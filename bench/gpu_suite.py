@@ -167,9 +167,11 @@ def commands(stage: str, out: Path, dry: bool, extra: list):
 def _run_until(argv, env, log, deadline: float) -> int:
     """argv's exit code; at the deadline SIGINT (its own summary is written), SIGKILL to
     its process group STOP_GRACE_S later, and 124 (timeout(1)'s code)."""
-    # its own process group (not a session: a caller that ends this session ends it too)
+    # its own process group (not a session: a caller that ends this session ends it too);
+    # Popen's process_group= is Python 3.11's, and 3.10 makes the group in the child instead
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            process_group=0)
+                            **group)
     try:
         return proc.wait(timeout=max(deadline - time.monotonic(), 0))
     except subprocess.TimeoutExpired:

@@ -196,16 +196,22 @@ def test_rule_on_gpu(monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_resnet_shapes_on_gpu(shape, channels_last, persistent_on):
     """ResNet-50's shapes that the size rule takes, their grids as large as the rule
-    allows: one launch each way, against the three kernels."""
-    x = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    allows: one launch each way, y and dx against the float64 reference. The gradient is
+    random: a gradient of ones would make dx about zero and leave the backward unchecked."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
+    g = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
     before = collections.Counter(triton_launch.launch_counts)
     y = bnkernels.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
-    y.backward(torch.ones_like(y))
+    y.backward(g)
     counts = collections.Counter(triton_launch.launch_counts)
     counts.subtract(before)
     assert dict(+counts) == {"persistent": 2}
-    expected = torch.nn.functional.batch_norm(x.detach().float(), None, None, training=True)
-    assert_close_scaled(y.detach().float(), expected, TOL[torch.bfloat16], "y")
+    x64 = x.detach().double().requires_grad_()
+    y64 = torch.nn.functional.batch_norm(x64, None, None, training=True, eps=1e-5)
+    y64.backward(g.double())  # the gradient as the kernel saw it, rounded to bfloat16
+    assert_close_scaled(y.detach(), y64.detach(), TOL[torch.bfloat16], "y")
+    assert_close_scaled(x.grad, x64.grad, GRAD_TOL[torch.bfloat16], "dx")

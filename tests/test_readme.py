@@ -1,5 +1,5 @@
 """The README's quick start runs as written (on this CPU: the default backend, no
-interpreter), in a fresh process."""
+interpreter), in a fresh process; setup.py's floors are releases the README shows tested."""
 import os
 import re
 import subprocess
@@ -31,3 +31,24 @@ def test_quick_start_runs_as_written():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_install_floors_are_the_oldest_releases_tested():
+    """setup.py asks for no release older than the README's table of runs shows passing:
+    its Python, torch and triton floors are the table's oldest."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### The releases it has run on"):]
+    section = section[:section.index("\n#")]
+    rows = re.findall(r"^\| (3\.\d+)\.\d+ \| (\d+\.\d+)\.\d+\S* \| (\d+\.\d+)\.\d+ \|", section,
+                      re.M)
+    assert len(rows) >= 2, "the README's table of runs is missing"
+    setup = (ROOT / "setup.py").read_text()
+    floors = (re.search(r'python_requires=">=(\d+\.\d+)"', setup).group(1),
+              re.search(r'"torch>=(\d+\.\d+)"', setup).group(1),
+              re.search(r'"triton>=(\d+\.\d+)', setup).group(1))
+    for name, floor, tested in zip(("Python", "torch", "triton"), floors, zip(*rows)):
+        assert floor == min(tested, key=_version), f"{name}: setup.py asks for >= {floor}"
