@@ -143,8 +143,9 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
                 raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with "
                                    f"respect to argument '{name}'. This input cannot have "
                                    "requires_grad True.")
-    if eps <= 0.0 and _EPS_REFUSALS[training, eps < 0.0] is not None:
-        error, text, with_eps = _EPS_REFUSALS[training, eps < 0.0]
+    refusal = _EPS_REFUSALS[training, eps < 0.0] if eps <= 0.0 else None
+    if refusal is not None:
+        error, text, with_eps = refusal
         raise error(f"{text}{eps}" if with_eps else text)
     if training and local_count_check and n * s == 1:  # SyncBatchNorm counts globally
         raise ValueError("Expected more than 1 value per channel when training, "

@@ -1,6 +1,5 @@
 """Inputs, layouts, tolerances and the "kernels really ran" guard shared by the tests."""
 import contextlib
-import inspect
 from unittest import mock
 
 import torch
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 import bnkernels
 from bnkernels import backends
 from bnkernels.backends import reference
+from bnkernels.replace import _TAKES_BIAS_FLAG
 
 # (atol, rtol) against the float64 reference, per input dtype. The outputs are O(1)
 # normalized values; gradients are compared on their own scale (assert_close_scaled).
@@ -34,8 +34,7 @@ BN_CLASSES = {2: (torch.nn.BatchNorm1d, bnkernels.BatchNorm1d),
 
 # torch 2.13's BatchNorm takes bias=False; torch 2.11's (the GPU image's) does not, and there
 # a bias-free BatchNorm is made as a user of it would: the bias registered as None.
-BN_TAKES_BIAS_FLAG = "bias" in inspect.signature(
-    torch.nn.modules.batchnorm._NormBase.__init__).parameters
+BN_TAKES_BIAS_FLAG = _TAKES_BIAS_FLAG
 
 
 def make_bn(cls, c, bias=True, **kwargs):

@@ -73,7 +73,7 @@ def test_an_old_interpreter_indexes_its_scalars_under_new_numpy(monkeypatch):
     interpreter = pytest.importorskip("triton.runtime.interpreter")
     from bnkernels.backends.triton import interpreter_compat
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", _old_patch_lang_tensor)
-    monkeypatch.setattr(interpreter_compat, "_patched", False)
+    monkeypatch.setattr(interpreter_compat, "_verdict", None)
     assert interpreter_compat.patch_interpreter()
     assert interpreter._patch_lang_tensor is not _old_patch_lang_tensor
 
@@ -98,6 +98,12 @@ def test_an_interpreter_that_squeezes_is_left_alone(monkeypatch):
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", squeezing)
-    monkeypatch.setattr(interpreter_compat, "_patched", False)
+    monkeypatch.setattr(interpreter_compat, "_verdict", None)
     assert not interpreter_compat.patch_interpreter()
     assert interpreter._patch_lang_tensor is squeezing
+
+    def unread(*args):
+        raise AssertionError("the interpreter's source is read again")
+
+    monkeypatch.setattr(interpreter_compat.inspect, "getsource", unread)
+    assert not interpreter_compat.patch_interpreter()  # every later launch: the kept verdict

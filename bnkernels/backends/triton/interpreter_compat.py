@@ -15,9 +15,10 @@ line: nothing is changed on an interpreter that already squeezes, or that is unk
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 _OLD_INDEX = 'scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))'
-_patched = False
+_verdict: Optional[bool] = None  # whether the fix was needed and applied; None: not read yet
 
 
 def _index(self) -> int:
@@ -25,10 +26,15 @@ def _index(self) -> int:
 
 
 def patch_interpreter() -> bool:
-    """Applies the fix once; True where the installed interpreter needed it."""
-    global _patched
-    if _patched:
-        return True
+    """Applies the fix once; True where the installed interpreter needed it. The verdict is
+    kept: the interpreter's source is read at the first interpreted launch, not at each."""
+    global _verdict
+    if _verdict is None:
+        _verdict = _patch()
+    return _verdict
+
+
+def _patch() -> bool:
     try:
         from triton.runtime import interpreter
         original = interpreter._patch_lang_tensor
@@ -43,5 +49,4 @@ def patch_interpreter() -> bool:
         scope.set_attr(tensor, "__index__", _index)  # restored with the rest after the call
 
     interpreter._patch_lang_tensor = patch_lang_tensor
-    _patched = True
     return True
