@@ -67,7 +67,9 @@ def _run(fn, x, bases, case, dtype, pdtype, copies=False):
     backward misreads a strided running_var for 2-D inputs in eval mode (a NaN or
     1/sqrt(eps) where (N, C, L) inputs give 1/sqrt(var + eps))."""
     c, training = case["shape"][1], case["training"]
-    x = x.detach().to(dtype, copy=True).requires_grad_(True)
+    # x keeps its layout: a copy of a sliced, stepped or expanded view would be dense
+    # (nothing writes into x, so the leaf may share its storage)
+    x = (x.detach() if x.dtype == dtype else x.detach().to(dtype)).requires_grad_(True)
     # copies (the bases stay as they were) of the values the case's dtype holds
     leaves = {k: None if b is None else b.detach().to(case["pdtype"]).to(pdtype, copy=True)
               .requires_grad_(k in PARAMS[:2]) for k, b in bases.items()}

@@ -114,7 +114,16 @@ def backward_through_stats(grad_y, x, weight, bias, residual, output, mean, rstd
     """ops.batch_norm_bwd as a function of its inputs: with rstd given (training) the
     statistics are recomputed from x, so that their dependence on x is differentiated too;
     with var given (eval) they are the constants (mean, var). Its vjp is the double
-    backward (autograd.py). Results not asked for are empty, as the op's."""
+    backward (autograd.py). Results not asked for are empty, as the op's.
+
+    Each input is cast to the accumulation dtype once, here: a half input used in several
+    terms then has its gradient summed over them in float32 and rounded once, where a cast
+    per use would sum half-precision parts (a constant channel's second derivative, of
+    size 1/eps, overflowed float16 in parts that cancel)."""
+    out_dtype = x.dtype
+    acc = acc_dtype(x.dtype)
+    grad_y, x, weight, bias, residual = (None if t is None else t.to(acc)
+                                         for t in (grad_y, x, weight, bias, residual))
     training = rstd is not None
     if training:
         mean, var = batch_stats(x)
@@ -122,8 +131,8 @@ def backward_through_stats(grad_y, x, weight, bias, residual, output, mean, rstd
     dx, sum_g, sum_gx, dres = grads(grad_y, x, weight, bias, residual, output, mean, rstd,
                                     activation, training)
     empty = x.new_empty(0, dtype=rstd.dtype)
-    return (dx.to(x.dtype) if need_dx else empty, sum_g if need_sums else empty,
-            sum_gx if need_sums else empty, dres.to(x.dtype) if need_dres else empty)
+    return (dx.to(out_dtype) if need_dx else empty, sum_g if need_sums else empty,
+            sum_gx if need_sums else empty, dres.to(out_dtype) if need_dres else empty)
 
 
 class TorchBackend(Backend):
