@@ -104,7 +104,7 @@ def _inputs(case):
         params["weight"] = params["bias"] = None
     residual = rand(*shape).to(dtype) if case["residual"] else None
     # the mode's seeds: the output's gradient, the tangents, the double backward's v
-    extra = [rand(*shape).to(dtype) for _ in range(2)] + [rand(c).to(pdtype) for _ in range(3)]
+    extra = [rand(*shape).to(dtype) for _ in range(2)] + [rand(c).to(pdtype) for _ in range(2)]
     return x, params, residual, extra
 
 
@@ -116,7 +116,7 @@ def _derivatives(fn, case, x, params, residual, extra):
     wrt = [t.detach().requires_grad_() for t in leaves if t is not None]
     it = iter(wrt)
     args = [None if t is None else next(it) for t in leaves]
-    g, v, tangent_w, tangent_b, _ = extra
+    g, v, tangent_w, tangent_b = extra
     if case["mode"] == "forward_ad":
         tangents = [g if t.dim() > 1 else (tangent_w if t is args[1] else tangent_b)
                     for t in wrt]
