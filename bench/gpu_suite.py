@@ -170,8 +170,18 @@ def _run_until(argv, env, log, deadline: float) -> int:
     # its own process group (not a session: a caller that ends this session ends it too);
     # Popen's process_group= is Python 3.11's, and 3.10 makes the group in the child instead
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            **group)
+    # SIGINT must reach the command even where this process ignores it: a shell starts a
+    # background job without job control so (`make test &` in a script), and an ignored
+    # signal stays ignored across exec, where a caught one is reset to the default
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                **group)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return proc.wait(timeout=max(deadline - time.monotonic(), 0))
     except subprocess.TimeoutExpired:
