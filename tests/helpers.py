@@ -134,6 +134,12 @@ def channel_view(kind, base, c):
             "expanded": lambda: base.expand(c)}[kind]()
 
 
+def channel_view_of(kind, values):
+    """(a view of kind holding values (C,), the base tensor it views)."""
+    base = channel_base(kind, values)
+    return channel_view(kind, base, values.numel()), base
+
+
 def float64_reference(x, weight, bias, running_mean, running_var, training, eps=1e-5):
     """(y, mean, rstd, var) of the plain-torch math in float64."""
     d = [None if t is None else t.double() for t in (weight, bias, running_mean, running_var)]

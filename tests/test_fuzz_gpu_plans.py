@@ -38,7 +38,8 @@ from bnkernels.backends.cuda import plan as cuda_plan
 from bnkernels.backends.triton import persistent_plan
 from bnkernels.backends.triton import plan as triton_plan
 from helpers import (CHANNEL_VIEWS, GRAD_TOL, LAYOUTS, TOL, assert_close_scaled,
-                     channel_base, channel_view, kernels_only, layout_applies, make_input)
+                     channel_view, channel_view_of, kernels_only, layout_applies,
+                     make_input)
 
 # On a GPU every other test takes these plans, compiled; this one puts them through the
 # interpreter and the emulation build, which a GPU machine does not run.
@@ -112,8 +113,7 @@ def _inputs(case):
     # weight and bias as views (read through their strides); the running statistics,
     # written, are made views by the test that writes them
     for name in ("weight", "bias"):
-        params[name] = channel_view(case["channel_view"],
-                                    channel_base(case["channel_view"], params[name]), c)
+        params[name] = channel_view_of(case["channel_view"], params[name])[0]
     if not case["affine"]:
         params["weight"] = params["bias"] = None
     residual = rand(*shape).to(dtype) if case["residual"] else None
@@ -206,8 +206,9 @@ def test_gpu_plans_against_float64(case, monkeypatch):
     # the running statistics as views too (expanded ones only where nothing writes them)
     kind = "contiguous" if training and case["channel_view"] == "expanded" \
         else case["channel_view"]
-    bases = {k: channel_base(kind, params[k]) for k in ("running_mean", "running_var")}
-    stats = {k: channel_view(kind, base, x.shape[1]) for k, base in bases.items()}
+    stats, bases = {}, {}
+    for k in ("running_mean", "running_var"):
+        stats[k], bases[k] = channel_view_of(kind, params[k])
     bases_before = {k: base.clone() for k, base in bases.items()}
     params.update({k: view.clone() for k, view in stats.items()})  # (the values they hold)
 

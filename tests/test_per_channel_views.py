@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import bnkernels
 from helpers import (GRAD_TOL, TOL, assert_close_scaled, channel_base, channel_view,
-                     float64_reference, kernels_only, make_input, random_params)
+                     channel_view_of, float64_reference, kernels_only, make_input, random_params)
 
 # Every test here runs on each kernel backend: Triton and the CUDA C++ of csrc/.
 pytestmark = pytest.mark.usefixtures("kernel_backend")
@@ -20,18 +20,12 @@ pytestmark = pytest.mark.usefixtures("kernel_backend")
 C = 5
 
 
-def _view(kind, values):
-    """(a view of C elements holding values, the base tensor it views)."""
-    base = channel_base(kind, values)
-    return channel_view(kind, base, C), base
-
-
 VIEWS = ["strided", "sliced", "column", "expanded"]
 
 
 def _params(kind, device, seed=1):
     """(views, bases) for weight, bias, running_mean, running_var."""
-    pairs = [_view(kind, t) for t in random_params(C, torch.float32, device, seed=seed)]
+    pairs = [channel_view_of(kind, t) for t in random_params(C, torch.float32, device, seed=seed)]
     return [v for v, _ in pairs], [b for _, b in pairs]
 
 
@@ -74,8 +68,8 @@ def test_gradients_reach_the_viewed_tensors(kind, training, device):
         (_, _, rm, rv), _ = _params(kind, device)
         if training:  # (written: views of them are test_forward_and_running_stats_through_views')
             rm, rv = rm.clone(), rv.clone()
-        wv, w_base = _view(kind, random_params(C, torch.float32, device)[0])
-        bv, b_base = _view(kind, random_params(C, torch.float32, device)[1])
+        wv, w_base = channel_view_of(kind, random_params(C, torch.float32, device)[0])
+        bv, b_base = channel_view_of(kind, random_params(C, torch.float32, device)[1])
         w_base.requires_grad_(True), b_base.requires_grad_(True)
         x = x0.clone().requires_grad_(True)
         # the views are taken from the leaves inside the graph, as a sliced parameter is
@@ -92,7 +86,8 @@ def test_gradients_reach_the_viewed_tensors(kind, training, device):
 
 
 def _rebuild(kind, base):
-    """The view `_view` hands out, taken again from `base` (a leaf that requires grad)."""
+    """The view `channel_view_of` hands out, taken again from `base` (a leaf that requires
+    grad)."""
     return channel_view(kind, base, C)
 
 
@@ -115,8 +110,8 @@ def test_functional_call_with_view_parameters(kind, device):
     through torch.func.grad back to the tensors viewed."""
     x = make_input((4, C, 3, 3), torch.float32, device, loc=0.3, scale=1.5)
     g = make_input((4, C, 3, 3), torch.float32, device, seed=5)
-    w_base = _view(kind, random_params(C, torch.float32, device)[0])[1]
-    b_base = _view(kind, random_params(C, torch.float32, device)[1])[1]
+    w_base = channel_base(kind, random_params(C, torch.float32, device)[0])
+    b_base = channel_base(kind, random_params(C, torch.float32, device)[1])
 
     def loss(module, w_base, b_base, buffers):
         # (the buffers are arguments: a transform refuses to mutate a captured tensor)
