@@ -12,8 +12,10 @@ pass, N = 32 and 128, three dtypes, both layouts; the persistent pass: its four 
 bfloat16 and float32) and writes each variant as JSON; `compile`, run by the other
 triton's Python (PYTHONPATH=. from the checkout), compiles each for the architecture with
 triton.compile and reads the cubin as static_check does: registers, spills, shared
-memory, the loops' narrowest global access. It writes summary_triton<version>_sm<arch>.md
-(default bench/results/static/) and exits non-zero if a variant failed or spilled.
+memory, the loops' narrowest global access, and the persistent kernel's barrier ordering
+(static_check_persistent.read_barrier). It writes summary_triton<version>_sm<arch>.md
+(default bench/results/static/) and exits non-zero if a variant failed, spilled, or has a
+barrier access out of order.
 --quick records static_check's quick set (three shapes, N = 32, bfloat16), for the tests.
 """
 from __future__ import annotations
@@ -70,23 +72,27 @@ def _decode(value):
 
 def _compile_one(arch: int, item: dict) -> dict:
     import static_check
+    from static_check_persistent import BARRIER_COLUMNS, read_barrier  # (no binder needed)
+    persistent = item["name"] == "_persistent_kernel"
     variant = (item["name"], item["signature"],
                {tuple(k): _decode(v) for k, v in item["constexprs"]},
                {tuple(k): [tuple(a) for a in v] for k, v in item["attrs"]}, item["options"])
     start = time.perf_counter()
     try:
-        read = static_check._compile(arch, variant)
+        read = static_check._compile(arch, variant, read_barrier if persistent else None)
     except Exception as error:  # reported, with the variant's name
         return {"name": item["name"], "error": f"{type(error).__name__}: {error}"[:500]}
     loads = [loop["access_bits"] for loop in read["loops"] if loop["access_bits"]]
     return {"name": item["name"], "seconds": time.perf_counter() - start, "regs": read["regs"],
             "spills": read["spills"], "shared": read["shared"], "loops": len(loads),
-            "loops_128": sum(bits == 128 for bits in loads)}
+            "loops_128": sum(bits == 128 for bits in loads),
+            **{k: read[k] for k in BARRIER_COLUMNS if persistent}}
 
 
 def compile_all(path: Path, arch: int, out: Path, jobs: int, limit: int = 0) -> int:
     import triton
     import common
+    import static_check_persistent
     items = json.loads(path.read_text())
     items = items[:limit] if limit else items
     start = time.perf_counter()
@@ -120,6 +126,11 @@ def compile_all(path: Path, arch: int, out: Path, jobs: int, limit: int = 0) -> 
         lines.append(f"| {name} | {len(rows)} | {max(r['regs'] for r in rows)} | "
                      f"{sum(r['spills'] > 0 for r in rows)} | {sum(r['loops'] for r in rows)} | "
                      f"{sum(r['loops_128'] for r in rows)} |")
+    barriers = by_kernel.get("_persistent_kernel", [])
+    if barriers:
+        lines += ["", f"The persistent kernel's grid barrier, read from the PTX as "
+                  f"static_check_persistent.py reads it: "
+                  f"{static_check_persistent.barrier_summary(barriers, 'variant')}."]
     lines += [""] + [f"- FAILED {r['name']}: {r['error']}" for r in failed[:20]]
     text = "\n".join(lines).rstrip() + "\n"
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +138,8 @@ def compile_all(path: Path, arch: int, out: Path, jobs: int, limit: int = 0) -> 
     target = out / f"summary_triton{major_minor}_sm{arch}.md"
     target.write_text(text)
     print(text + f"written to {target}")
-    return 1 if failed or any(r["spills"] for r in done) else 0
+    unordered = any(r.get("unfenced") or r.get("nc_loads") for r in barriers)
+    return 1 if failed or unordered or any(r["spills"] for r in done) else 0
 
 
 def main(argv=None) -> int:

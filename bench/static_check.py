@@ -174,8 +174,10 @@ def _specialised(kernel, args, meta, backend):
     return key, (kernel.fn.__name__, signature, constexprs, attrs, options.__dict__)
 
 
-def _compile(arch: int, variant) -> dict:
-    """A variant's cubin, read: registers, spills, and the loops' instruction counts."""
+def _compile(arch: int, variant, read_more=None) -> dict:
+    """A variant's cubin, read: registers, spills, and the loops' instruction counts; and
+    read_more(ptx, sass)'s dict where given (a module-level function: this runs in a
+    worker process)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -194,8 +196,9 @@ def _compile(arch: int, variant) -> dict:
         usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True,
                                text=True, check=True).stdout
     res = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
+    more = read_more(compiled.asm["ptx"], sass) if read_more else {}
     return {"regs": int(res["REG"]), "spills": int(res.get("LOCAL", 0)),
-            "shared": compiled.metadata.shared, **read_loops(sass)}
+            "shared": compiled.metadata.shared, **read_loops(sass), **more}
 
 
 def _cuobjdump() -> str:

@@ -24,6 +24,22 @@ architecture (static_check._compile). Per pass:
                    loop over the splits (32-bit partials, as the merge kernel's) and the
                    barriers' spin loops (one 32-bit atomic load)
 
+  acquires, releases   the barrier's ordering, read from the PTX (read_barrier): its
+                   gpu-scope acquire operations (the generation's loads, the arrivals'
+                   acq_rel adds) and release operations (the arrivals, the generation's
+                   bump, the error flag's exchange)
+  unfenced         those of them not fenced by CTA barriers (bar.sync), as the pattern of
+                   a grid barrier needs: one thread releases at gpu scope what the
+                   program's threads wrote only after a bar.sync, and the others read
+                   what other programs wrote only after a bar.sync that follows the
+                   acquire (between the two, only that thread's own accesses, which
+                   program order keeps in place: read_barrier). 0 in every pass
+  nc_loads         loads through the non-coherent read-only path (PTX ld.global.nc, SASS
+                   LDG...CONSTANT), which could return partials or statistics written by
+                   another program during the launch stale. 0 in every pass
+  l1_invalidates   CCTL.IVALL in the SASS: the L1 invalidation by which ptxas makes the
+                   weak loads after an acquire see other SMs' writes
+
 Rows go to DIR/persistent_sm<arch>.csv (default bench/results/static/), the summary to
 summary_persistent_sm<arch>.md.
 """
@@ -31,6 +47,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -41,7 +58,9 @@ from static_check import (DTYPES, LAYOUTS, SMS, _compile, _record, binder_availa
 from bench_bn import QUICK_SHAPES, RESNET50_SHAPES  # noqa: E402
 
 COLUMNS = ["pass", "dtype", "layout", "N", "C", "H", "W", "tensor_mb", "auto", "programs",
-           "resident", "regs", "spills", "shared", "loops", "loops_128"]
+           "resident", "regs", "spills", "shared", "loops", "loops_128", "acquires",
+           "releases", "unfenced", "nc_loads", "l1_invalidates"]
+BARRIER_COLUMNS = COLUMNS[-5:]  # read_barrier's
 PASSES = ["fwd_train", "bwd", "bnaddrelu_fwd_train", "bnaddrelu_bwd"]
 L2_BYTES = 50 * 1024 * 1024  # an H100's
 
@@ -58,6 +77,50 @@ def record_passes(quick: bool, backend, variants: dict) -> list:
     return _record(PASSES, shapes, batches, dtypes, LAYOUTS, backend, variants)
 
 
+# PTX lines: a CTA barrier, a global memory access (any ld/st/atom/red/cp.async that names
+# the global space, with its predicate), and the ordering qualifiers of an access
+_CTA_BARRIER = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:bar|barrier)\.sync\b")
+_GLOBAL_ACCESS = re.compile(
+    r"^\s*(@!?%p\d+\s+)?(?:ld|st|atom|red|cp\.async)\.[\w.]*\bglobal\b")
+_ACQUIRE = re.compile(r"\.(?:gpu|sys)\.(?:acquire|acq_rel)\.|\.(?:acquire|acq_rel)\.(?:gpu|sys)\.")
+_RELEASE = re.compile(r"\.(?:gpu|sys)\.(?:release|acq_rel)\.|\.(?:release|acq_rel)\.(?:gpu|sys)\.")
+
+
+def read_barrier(ptx: str, sass: str) -> dict:
+    """The grid barrier's memory ordering in a kernel's PTX and SASS (the columns of the
+    module docstring). A release is fenced where only its own thread's accesses (the same
+    predicate: program order) lie between it and the CTA barrier before it; an acquire,
+    where only its own thread's lie between it and the CTA barrier after it. The text is
+    read in order, which is the code's order for the barrier (straight-line but for its
+    spin loop, which branches back over its one load)."""
+    lines = [line for line in ptx.splitlines()
+             if _CTA_BARRIER.match(line) or _GLOBAL_ACCESS.match(line)]
+
+    def fenced(i: int, step: int) -> bool:
+        predicate = _GLOBAL_ACCESS.match(lines[i]).group(1)
+        j = i + step
+        while 0 <= j < len(lines) and not _CTA_BARRIER.match(lines[j]):
+            if _GLOBAL_ACCESS.match(lines[j]).group(1) != predicate or predicate is None:
+                return False  # another thread's access, not ordered by this one
+            j += step
+        return 0 <= j < len(lines)
+
+    acquires = releases = unfenced = 0
+    for i, line in enumerate(lines):
+        if _CTA_BARRIER.match(line):
+            continue
+        if _RELEASE.search(line):
+            releases += 1
+            unfenced += not fenced(i, -1)
+        if _ACQUIRE.search(line):
+            acquires += 1
+            unfenced += not fenced(i, +1)
+    nc_loads = len(re.findall(r"\bld\.global(?:\.\w+)*\.nc\b", ptx))
+    nc_loads += len(re.findall(r"\bLDG(?:\.\w+)*\.CONSTANT\b", sass))
+    return {"acquires": acquires, "releases": releases, "unfenced": unfenced,
+            "nc_loads": nc_loads, "l1_invalidates": len(re.findall(r"\bCCTL\.IVALL\b", sass))}
+
+
 def run(arch: int, quick: bool, jobs: int) -> list:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -66,7 +129,9 @@ def run(arch: int, quick: bool, jobs: int) -> list:
     variants: dict = {}
     calls = record_passes(quick, backend, variants)
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {key: pool.submit(_compile, arch, v) for key, v in variants.items()}
+        futures = {key: pool.submit(_compile, arch, v,
+                                    read_barrier if key[0] == "_persistent_kernel" else None)
+                   for key, v in variants.items()}
         reads = {key: f.result() for key, f in futures.items()}
     table = []
     for name, dtype, layout, n, c, h, w, launches in calls:
@@ -87,7 +152,8 @@ def run(arch: int, quick: bool, jobs: int) -> list:
                       "programs": programs, "resident": per_sm * SMS, "regs": read["regs"],
                       "spills": read["spills"], "shared": read["shared"],
                       "loops": len(read["loops"]),
-                      "loops_128": sum(loop["access_bits"] == 128 for loop in read["loops"])})
+                      "loops_128": sum(loop["access_bits"] == 128 for loop in read["loops"]),
+                      **{k: read[k] for k in BARRIER_COLUMNS}})
     return table
 
 
@@ -105,8 +171,21 @@ def summary(table: list, arch: int) -> str:
              f"- loops 128 bits wide (the reduce's and the apply's): "
              f"{sum(r['loops_128'] for r in table)} of {sum(r['loops'] for r in table)}; "
              f"passes with fewer than 2: {sum(r['loops_128'] < 2 for r in table)}",
-             f"- registers: at most {max((r['regs'] for r in table), default=0)}", ""]
+             f"- registers: at most {max((r['regs'] for r in table), default=0)}",
+             f"- the barrier's ordering (PTX): {barrier_summary(table, 'pass')}", ""]
     return "\n".join(lines)
+
+
+def barrier_summary(rows: list, per: str) -> str:
+    """read_barrier's columns over rows (passes here, variants in compile_other_triton)."""
+    def span(column):
+        values = [r[column] for r in rows] or [0]
+        low, high = min(values), max(values)
+        return str(low) if low == high else f"{low} to {high}"
+    return (f"gpu-scope acquires {span('acquires')} and releases {span('releases')} a "
+            f"{per}; not fenced by CTA barriers: {sum(r['unfenced'] for r in rows)}; loads "
+            f"through the non-coherent path: {sum(r['nc_loads'] for r in rows)}; L1 "
+            f"invalidations (CCTL.IVALL) {span('l1_invalidates')} a {per}")
 
 
 def main(argv=None) -> int:
@@ -119,7 +198,7 @@ def main(argv=None) -> int:
         return 2
     table = run(args.arch, args.quick, args.jobs)
     write(args.out, f"persistent_sm{args.arch}", COLUMNS, table, summary(table, args.arch))
-    return 0
+    return 1 if any(r["unfenced"] or r["nc_loads"] for r in table) else 0
 
 
 if __name__ == "__main__":

@@ -72,6 +72,47 @@ def test_programs_resident_per_sm():
     assert static_check.resident_programs(32, 256, 0, 264) == 2  # the grid's own share
 
 
+# A made-up grid barrier in PTX, as Triton lowers it: thread 0 (%p1) arrives and releases
+# after a CTA barrier, and every thread reads the others' results after a CTA barrier that
+# follows thread 0's acquire; between them, only thread 0's own accesses.
+_BARRIER_PTX = """
+	st.global.v4.b32 [ %rd1 + 0 ], { %r1, %r2, %r3, %r4 };
+	bar.sync 	0;
+	@%p1 ld.global.gpu.acquire.b32 %r5, [ %rd2 + 0 ];
+	bar.sync 	0;
+	@%p1 atom.global.gpu.acq_rel.add.u32 %r6, [ %rd3 + 0 ], %r7;
+	bar.sync 	0;
+	@%p1 atom.global.gpu.relaxed.exch.b32 %r8, [ %rd3 + 0 ], %r9;
+	@%p1 red.global.gpu.release.add.u32 [ %rd2 + 0 ], %r7;
+	bar.sync 	0;
+	ld.global.b32 %r10, [ %rd4 + 0 ];
+"""
+
+
+def test_the_barrier_ordering_is_read_from_the_ptx():
+    import static_check_persistent
+    read = static_check_persistent.read_barrier
+    sass = "CCTL.IVALL ;\n LDG.E R2, desc[UR4][R4.64] ;\n CCTL.IVALL ;"
+    assert read(_BARRIER_PTX, sass) == {"acquires": 2, "releases": 2, "unfenced": 0,
+                                        "nc_loads": 0, "l1_invalidates": 2}
+    # every thread's store between the CTA barrier and the release: not ordered before it
+    racy = _BARRIER_PTX.replace("\tbar.sync \t0;\n\t@%p1 atom.global.gpu.acq_rel",
+                                "\tbar.sync \t0;\n\tst.global.b32 [ %rd5 + 0 ], %r1;\n"
+                                "\t@%p1 atom.global.gpu.acq_rel")
+    assert read(racy, "")["unfenced"] == 1
+    # every thread's load right after the acquire, with no CTA barrier between: too early
+    early = _BARRIER_PTX.replace("red.global.gpu.release.add.u32 [ %rd2 + 0 ], %r7;\n"
+                                 "\tbar.sync \t0;", "red.global.gpu.release.add.u32 "
+                                 "[ %rd2 + 0 ], %r7;")
+    early = early.replace("\t@%p1 ld.global.gpu.acquire.b32 %r5, [ %rd2 + 0 ];\n\tbar.sync",
+                          "\t@%p1 ld.global.gpu.acquire.b32 %r5, [ %rd2 + 0 ];\n"
+                          "\tld.global.b32 %r11, [ %rd4 + 0 ];\n\tbar.sync")
+    assert read(early, "")["unfenced"] == 1
+    # loads through the non-coherent path, in either text
+    assert read(_BARRIER_PTX + "\tld.global.nc.v4.b32 {%r1}, [ %rd4 + 0 ];\n",
+                "LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;")["nc_loads"] == 2
+
+
 @needs_binder
 def test_static_check_quick_writes_the_table(tmp_path):
     env = _compiling_env()
@@ -155,6 +196,11 @@ def test_static_check_of_the_persistent_pass_quick(tmp_path):
         assert int(r["spills"]) == 0, r
         assert int(r["programs"]) <= int(r["resident"]), r
         assert int(r["loops_128"]) >= 2, r  # the reduce's and the apply's
+        # the two grid barriers: each loads the generation (acquire) twice, arrives
+        # (acq_rel) and bumps the generation (release); all fenced by CTA barriers, and
+        # nothing another program wrote read through the non-coherent path
+        assert int(r["acquires"]) >= 6 and int(r["releases"]) >= 4, r
+        assert int(r["unfenced"]) == 0 and int(r["nc_loads"]) == 0, r
 
 
 @needs_binder
@@ -171,10 +217,15 @@ def test_variants_recorded_here_compile_with_another_triton(tmp_path):
     recorded = json.loads(variants.read_text())
     assert {v["name"] for v in recorded} == {"_reduce_kernel", "_merge_kernel",
                                              "_apply_kernel", "_persistent_kernel"}
-    done = subprocess.run([sys.executable, script, "compile", str(variants), "--limit", "4",
+    # three variants of the three kernels and one of the persistent kernel's (its barrier)
+    persistent = [v for v in recorded if v["name"] == "_persistent_kernel"]
+    variants.write_text(json.dumps(recorded[:3] + persistent[:1]))
+    done = subprocess.run([sys.executable, script, "compile", str(variants),
                            "--jobs", "2", "--out", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = next(tmp_path.glob("summary_triton*_sm90.md")).read_text()
     assert "# 4 kernel variants compiled for sm_90" in summary
     assert "- failed to compile: 0" in summary and "- spilling: 0" in summary
+    assert ("not fenced by CTA barriers: 0; loads through the non-coherent path: 0"
+            in summary)
