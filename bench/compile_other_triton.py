@@ -138,7 +138,7 @@ def compile_all(path: Path, arch: int, out: Path, jobs: int, limit: int = 0) -> 
     target = out / f"summary_triton{major_minor}_sm{arch}.md"
     target.write_text(text)
     print(text + f"written to {target}")
-    unordered = any(r.get("unfenced") or r.get("nc_loads") for r in barriers)
+    unordered = static_check_persistent.barrier_out_of_order(barriers)
     return 1 if failed or unordered or any(r["spills"] for r in done) else 0
 
 

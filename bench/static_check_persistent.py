@@ -176,6 +176,11 @@ def summary(table: list, arch: int) -> str:
     return "\n".join(lines)
 
 
+def barrier_out_of_order(rows: list) -> bool:
+    """Whether a row of read_barrier's columns has an access unfenced or non-coherent."""
+    return any(r["unfenced"] or r["nc_loads"] for r in rows)
+
+
 def barrier_summary(rows: list, per: str) -> str:
     """read_barrier's columns over rows (passes here, variants in compile_other_triton)."""
     def span(column):
@@ -198,7 +203,7 @@ def main(argv=None) -> int:
         return 2
     table = run(args.arch, args.quick, args.jobs)
     write(args.out, f"persistent_sm{args.arch}", COLUMNS, table, summary(table, args.arch))
-    return 1 if any(r["unfenced"] or r["nc_loads"] for r in table) else 0
+    return 1 if barrier_out_of_order(table) else 0
 
 
 if __name__ == "__main__":
