@@ -38,6 +38,16 @@ and 2 in one call (8 files), timing bfloat16 only:
 
     python3 bench/gpu_suite.py 1,2 --out $OUT --budget-s 520 -- --dtypes bfloat16
 
+csrc/'s build for sm_90 takes about a minute of nvcc (59 s on this repository's 2-core
+machine at cafa679), and a fresh device machine would spend it in every call that uses the
+CUDA backend (stages 1 to 5). Built here first, where nvcc is the GPU machine's (13.0), it
+travels in an ignored folder instead; the digest in its folder's name keeps a build of
+other sources from being loaded:
+
+    BNKERNELS_CACHE_DIR=$PWD/.gpu_carry python -m bnkernels.backends.cuda --arch 90
+    (the device call: carry [".gpu_carry"], the command prefixed with
+     BNKERNELS_CACHE_DIR=$PWD/.gpu_carry)
+
 --dry-run runs the same plumbing on CPU in seconds: tiny shapes, the Triton interpreter
 and csrc/'s emulation build, and the GPU-only tools (nvidia-smi, compute-sanitizer, ncu)
 named but not run; the test suite runs it (tests/test_bench_harness.py), so a plumbing
@@ -108,10 +118,13 @@ def commands(stage: str, out: Path, dry: bool, extra: list):
                   "--durations=15", *workers]
         return [(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                   "--format=csv"], "env.txt", True),
-                ([PY, "-c", "import torch, triton; print('torch', torch.__version__, 'cuda', "
-                  "torch.version.cuda, 'triton', triton.__version__)"], "env.txt", False),
+                ([PY, "-c", "import os, torch, triton; print('torch', torch.__version__, 'cuda', "
+                  "torch.version.cuda, 'triton', triton.__version__); print('BNKERNELS_CACHE_DIR',"
+                  " os.environ.get('BNKERNELS_CACHE_DIR'))"], "env.txt", False),
                 (["nvcc", "--version"], "env.txt", True),
-                # csrc/ built once, before the workers (each would build it otherwise)
+                # csrc/ built once, before the workers (each would build it otherwise), or
+                # found in BNKERNELS_CACHE_DIR where the call carried a build (stage1.txt
+                # gives this command's seconds: about none when it was carried)
                 ([PY, "-m", "bnkernels.backends.cuda", *(["--emulate"] if dry else
                                                           ["--arch", "90"])], "env.txt", False),
                 ([*pytest, *first], "tests.log", False),
@@ -237,10 +250,12 @@ def run_stage(stage: str, out: Path, dry: bool, extra: list, budget_s: float) ->
                     worst = worst or 124
                     continue
                 summary.append(f"running: {line}")  # replaced by its exit code when it ends
+                began = time.monotonic()
                 rc = _run_until(argv, env, log, deadline)
                 if rc == 124:
                     log.write(f"\n(stopped: the stage's budget of {budget_s:.0f} s ran out)\n")
-            summary[-1] = f"rc {rc}{' (budget ran out)' if rc == 124 else ''}: {line}"
+            summary[-1] = (f"rc {rc}{' (budget ran out)' if rc == 124 else ''} after "
+                           f"{time.monotonic() - began:.0f} s: {line}")
             worst = worst or rc
     finally:  # also when the suite itself is stopped (SIGTERM): what ran, and for how long
         summary.append(f"elapsed {time.monotonic() - start:.0f} s")

@@ -1,6 +1,7 @@
 """The benchmark harness writes what the README and the benchmark issue promise (checked on
 tiny shapes; its timings mean nothing here)."""
 import csv
+import re
 import signal
 import sys
 from pathlib import Path
@@ -147,8 +148,8 @@ def test_launch_bench_smoke(tmp_path):
 def test_gpu_suite_stage_dry_run(stages, tmp_path):
     """Each stage of bench/gpu_suite.py runs its plumbing on CPU (--dry-run): its files are
     written, at most 8, no folder, with its estimate, budget and elapsed time, and every
-    command it ran exited 0 (the GPU tools are named, not run). "1,2" is the first GPU
-    session's call: both stages, 8 files in one folder."""
+    command it ran exited 0 with its seconds (the GPU tools are named, not run). "1,2" is
+    the first GPU session's call: both stages, 8 files in one folder."""
     import subprocess
     import sys
     import gpu_suite
@@ -164,6 +165,8 @@ def test_gpu_suite_stage_dry_run(stages, tmp_path):
         summary = (tmp_path / f"stage{number}.txt").read_text()
         assert "estimate" in summary and "budget" in summary and "elapsed" in summary
         assert "budget ran out" not in summary and "budget spent" not in summary
+        ran = [line for line in summary.splitlines() if line.startswith("rc ")]
+        assert ran and all(re.match(r"rc 0 after \d+ s: ", line) for line in ran), summary
     assert "on an H100" in done.stdout and "elapsed" in done.stdout
 
 
