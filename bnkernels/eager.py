@@ -19,11 +19,11 @@ and calls the replayer. A call that records an autograd graph does the same insi
 autograd.ReplayedBatchNormFunction, and its backward keeps one replay per grad_y layout
 and set of wanted gradients.
 
-Never taken (the full path runs every time): torch.compile, a dispatch mode or a functorch
-transform, a forward-AD level, a tensor subclass, a momentum that is not a float or None,
-an empty batch, an input the kernels can't read in place, a backend without replays (CUDA
-C++, torch, the interpreter). Refused at a replay, so that call runs in full: a backend
-choice or launch hook changed since the recording.
+Never taken (the full path runs every time): torch.compile, torch.jit.trace, a dispatch
+mode or a functorch transform, a forward-AD level, a tensor subclass, a momentum that is not
+a float or None, an empty batch, an input the kernels can't read in place, a backend without
+replays (CUDA C++, torch, the interpreter). Refused at a replay, so that call runs in
+full: a backend choice or launch hook changed since the recording.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ ENTRIES_MAX = 4096  # signatures kept (a dynamic-shape workload would grow them 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack
 _peek_functorch = torch._C._functorch.peek_interpreter_stack
+_is_tracing = torch._C._is_tracing  # torch.jit.trace: the full path records torch's ops
 # torch.autograd.graph.increment_version without its isinstance test
 _increment_version = getattr(torch._C, "_increment_version",
                              torch.autograd.graph.increment_version)
@@ -49,7 +50,7 @@ _increment_version = getattr(torch._C, "_increment_version",
 
 def _signature(tensors: tuple, scalars: tuple) -> Optional[tuple]:
     """The call's signature (the module docstring), or None where it takes the full path."""
-    if torch.compiler.is_compiling() or _len_dispatch_stack() or \
+    if torch.compiler.is_compiling() or _len_dispatch_stack() or _is_tracing() or \
             _peek_functorch() is not None or getattr(forward_ad, "_current_level", 0) >= 0:
         return None
     key = [scalars, torch.is_grad_enabled(), torch.is_inference_mode_enabled()]

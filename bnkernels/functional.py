@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -222,8 +223,58 @@ def checked_batch_norm(input: Tensor, running_mean: Optional[Tensor],
                        eps: float, num_batches_tracked: Optional[Tensor],
                        activation: Optional[str], residual: Optional[Tensor]) -> Tensor:
     """batch_norm_impl after every check (nothing written before they pass): a call in
-    full, as eager.forward makes it where it has no replay."""
+    full, as eager.forward makes it where it has no replay. Recorded for export, torch's
+    ops after the same checks (torch_ops_batch_norm)."""
+    checks = (input, running_mean, running_var, weight, bias, training, eps, activation,
+              residual)
+    if not recording_for_export():
+        _check_all(*checks)
+        return batch_norm_impl(input, running_mean, running_var, weight, bias, training,
+                               momentum, eps, num_batches_tracked, activation, residual)
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            # A trace hands the checks sizes as traced values and warns that their verdicts
+            # become constants: they are, for the traced shapes, as torch's own checks' are.
+            # (Only here: dynamo, which torch.export runs, can't trace catch_warnings.)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            _check_all(*checks)
+    else:
+        _check_all(*checks)
+    return torch_ops_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, num_batches_tracked, activation, residual)
+
+
+def _check_all(input, running_mean, running_var, weight, bias, training, eps, activation,
+               residual) -> None:
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     check_epilogue_args(input, activation, residual)
-    return batch_norm_impl(input, running_mean, running_var, weight, bias, training,
-                           momentum, eps, num_batches_tracked, activation, residual)
+
+
+def recording_for_export() -> bool:
+    """Whether this call is being recorded into a graph meant to run without bnkernels:
+    torch.jit.trace (and the TorchScript ONNX exporter, which traces) or torch.export (and
+    the dynamo ONNX exporter and AOTInductor, which export). torch.compile is not one: its
+    graphs run in this process, and call bnkernels' ops."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()  # both known to dynamo
+
+
+def torch_ops_batch_norm(input: Tensor, running_mean: Optional[Tensor],
+                         running_var: Optional[Tensor], weight: Optional[Tensor],
+                         bias: Optional[Tensor], training: bool, momentum: Optional[float],
+                         eps: float, num_batches_tracked: Optional[Tensor],
+                         activation: Optional[str], residual: Optional[Tensor]) -> Tensor:
+    """A call (after its checks) in torch's own ops, the ones nn.BatchNorm*'s forward
+    records: what an export holds in place of bnkernels' ops. Why: bnkernels' ops are
+    Python custom ops, with no ONNX translation, no TorchScript form and no kernel that
+    AOTInductor could package; aten's batch_norm has all three, and computes the same
+    function. The counter moves and momentum=None averages as in torch's module."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(num_batches_tracked)
+    y = torch.nn.functional.batch_norm(
+        input, running_mean, running_var, channel_vector(weight), channel_vector(bias),
+        training, 0.0 if momentum is None else momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return activations.apply(y, activation)

@@ -11,14 +11,28 @@ from typing import Optional
 from torch import Tensor, nn
 
 from . import activations, eager
-from .functional import checked_batch_norm, check_momentum
+from .functional import checked_batch_norm, check_momentum, recording_for_export
 
 
 class _BatchNormForward:
-    """forward() for the subclasses of torch's _BatchNorm below; mirrors torch's logic."""
+    """forward() for the subclasses of torch's _BatchNorm below; mirrors torch's logic.
+
+    Recorded for export (torch.jit.trace, torch.export, both ONNX exporters), a call is
+    recorded as torch's own ops (functional.torch_ops_batch_norm), which run without
+    bnkernels. torch.jit.script can't compile this forward: it is refused up front."""
 
     def forward(self, input: Tensor) -> Tensor:
         return self._fused_forward(input, None, None)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first, before it reads any source: the place for a clear
+        # error (it would otherwise fail deep in the parser of the modules this one calls).
+        name = type(self).__name__
+        raise RuntimeError(
+            f"torch.jit.script can't compile bnkernels' {name}: its forward launches kernels "
+            "from Python. Record the model with torch.jit.trace or torch.export instead (both "
+            f"record torch's own batch_norm in place of bnkernels' {name}), or script it "
+            "before convert_batchnorm.")
 
     def _fused_forward(self, input: Tensor, activation: Optional[str],
                        residual: Optional[Tensor]) -> Tensor:
@@ -69,8 +83,11 @@ class _BatchNormActForward(_BatchNormForward):
         self.activation = activations.check(activation)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        # Recorded for export, the unfused form is the one the graph's torch ops compute
+        # (and comparing shapes in a trace would warn).
         if (self._unfused_if_mismatch and isinstance(residual, Tensor)
-                and (residual.shape != input.shape or residual.dtype != input.dtype)):
+                and (recording_for_export() or residual.shape != input.shape
+                     or residual.dtype != input.dtype)):
             return activations.apply(self._fused_forward(input, None, None) + residual,
                                      self.activation)
         return self._fused_forward(input, self.activation, residual)
