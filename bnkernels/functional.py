@@ -255,7 +255,12 @@ def recording_for_export() -> bool:
     torch.jit.trace (and the TorchScript ONNX exporter, which traces) or torch.export (and
     the dynamo ONNX exporter and AOTInductor, which export). torch.compile is not one: its
     graphs run in this process, and call bnkernels' ops."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()  # both known to dynamo
+    # Not torch.compiler.is_exporting(): torch 2.11's dynamo folds that call to True in
+    # every trace, torch.compile's included (2.13's reads the flag). The flag it returns,
+    # read here, is a plain value to dynamo on both; the call only where the flag is gone.
+    # torch._C._is_tracing would break dynamo's graph; torch.jit.is_tracing is folded.
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return (torch.compiler.is_exporting() if flag is None else flag) or torch.jit.is_tracing()
 
 
 def torch_ops_batch_norm(input: Tensor, running_mean: Optional[Tensor],
