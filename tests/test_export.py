@@ -5,6 +5,7 @@ torch's modules compute, running statistics included; torch.jit.script is refuse
 clear error and leaves the model as it was. Eager calls before and after a recording run
 bnkernels' kernels."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -77,6 +78,25 @@ def test_trace_records_torch_batch_norm(device, dim, training):
     with kernels_only():  # and the module itself is bnkernels' still
         y = ours(x2)
     torch.testing.assert_close(y, ref(x2))
+
+
+@pytest.mark.parametrize("record", ["trace", "export"])
+def test_recording_raises_torchs_errors_first(device, record):
+    """bnkernels' checks run before the torch ops are recorded: a wrong channel count raises
+    what torch's module raises, and nothing is written."""
+    ref, ours = bn_pair(4, 4, torch.float32, device)
+    ref.train(), ours.train()
+    x = make_input((2, 3, 5, 5), torch.float32, device)
+    with pytest.raises(RuntimeError) as theirs:
+        ref(x)
+    before = {name: t.clone() for name, t in ours.state_dict().items()}
+    with pytest.raises(RuntimeError, match=f"^{re.escape(str(theirs.value))}$"):
+        if record == "trace":
+            torch.jit.trace(ours, x, check_trace=False)
+        else:
+            torch.export.export(ours, (x,))
+    for name, t in ours.state_dict().items():
+        torch.testing.assert_close(t, before[name], rtol=0, atol=0, msg=name)
 
 
 def test_trace_of_the_functional_form_and_its_epilogue(device):
