@@ -225,29 +225,13 @@ def checked_batch_norm(input: Tensor, running_mean: Optional[Tensor],
     """batch_norm_impl after every check (nothing written before they pass): a call in
     full, as eager.forward makes it where it has no replay. Recorded for export, torch's
     ops after the same checks (torch_ops_batch_norm)."""
-    checks = (input, running_mean, running_var, weight, bias, training, eps, activation,
-              residual)
-    if not recording_for_export():
-        _check_all(*checks)
-        return batch_norm_impl(input, running_mean, running_var, weight, bias, training,
-                               momentum, eps, num_batches_tracked, activation, residual)
-    if torch.jit.is_tracing():
-        with warnings.catch_warnings():
-            # A trace hands the checks sizes as traced values and warns that their verdicts
-            # become constants: they are, for the traced shapes, as torch's own checks' are.
-            # (Only here: dynamo, which torch.export runs, can't trace catch_warnings.)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            _check_all(*checks)
-    else:
-        _check_all(*checks)
-    return torch_ops_batch_norm(input, running_mean, running_var, weight, bias, training,
-                                momentum, eps, num_batches_tracked, activation, residual)
-
-
-def _check_all(input, running_mean, running_var, weight, bias, training, eps, activation,
-               residual) -> None:
+    if recording_for_export():
+        return torch_ops_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                    momentum, eps, num_batches_tracked, activation, residual)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     check_epilogue_args(input, activation, residual)
+    return batch_norm_impl(input, running_mean, running_var, weight, bias, training,
+                           momentum, eps, num_batches_tracked, activation, residual)
 
 
 def recording_for_export() -> bool:
@@ -268,11 +252,22 @@ def torch_ops_batch_norm(input: Tensor, running_mean: Optional[Tensor],
                          bias: Optional[Tensor], training: bool, momentum: Optional[float],
                          eps: float, num_batches_tracked: Optional[Tensor],
                          activation: Optional[str], residual: Optional[Tensor]) -> Tensor:
-    """A call (after its checks) in torch's own ops, the ones nn.BatchNorm*'s forward
-    records: what an export holds in place of bnkernels' ops. Why: bnkernels' ops are
-    Python custom ops, with no ONNX translation, no TorchScript form and no kernel that
-    AOTInductor could package; aten's batch_norm has all three, and computes the same
-    function. The counter moves and momentum=None averages as in torch's module."""
+    """A call recorded for export: bnkernels' checks, then torch's own ops, the ones
+    nn.BatchNorm*'s forward records: what an export holds in place of bnkernels' ops. Why:
+    bnkernels' ops are Python custom ops, with no ONNX translation, no TorchScript form and
+    no kernel that AOTInductor could package; aten's batch_norm has all three, and computes
+    the same function. The counter moves and momentum=None averages as in torch's module."""
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            # A trace hands the checks sizes as traced values and warns that their verdicts
+            # become constants: they are, for the traced shapes, as torch's own checks' are.
+            # (Only here: dynamo, which torch.export runs, can't trace catch_warnings.)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            _check_all(input, running_mean, running_var, weight, bias, training, eps,
+                       activation, residual)
+    else:
+        _check_all(input, running_mean, running_var, weight, bias, training, eps,
+                   activation, residual)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
         if momentum is None:
@@ -283,3 +278,10 @@ def torch_ops_batch_norm(input: Tensor, running_mean: Optional[Tensor],
     if residual is not None:
         y = y + residual
     return activations.apply(y, activation)
+
+
+def _check_all(input, running_mean, running_var, weight, bias, training, eps, activation,
+               residual) -> None:
+    """checked_batch_norm's checks, for torch_ops_batch_norm's two branches."""
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    check_epilogue_args(input, activation, residual)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import bnkernels
 from bnkernels import backends
 from bnkernels.backends import reference
+from bnkernels.fold import is_batchnorm
 from bnkernels.replace import _TAKES_BIAS_FLAG
 
 # (atol, rtol) against the float64 reference, per input dtype. The outputs are O(1)
@@ -198,6 +199,24 @@ def kernels_only():
             stack.enter_context(mock.patch.object(owner, name, _forbidden))
         yield
     assert kernel_launches() > before, "no bnkernels kernel was launched"
+
+
+def randomize_norms(model, seed=0):
+    """Random statistics and affine parameters (buffers too, for frozen BatchNorms), never
+    the defaults of mean 0, var 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if not is_batchnorm(m) or m.running_mean is None:
+                continue
+            c = m.running_mean.numel()
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            if m.weight is not None:
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
+    return model
 
 
 def bn_pair(dim, c, dtype, device, **kwargs):

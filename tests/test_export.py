@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import bnkernels
-from helpers import BN_CLASSES, bn_pair, kernels_only, make_input
+from helpers import BN_CLASSES, bn_pair, kernels_only, make_input, randomize_norms
 
 
 class _Block(nn.Module):
@@ -34,14 +34,7 @@ class _Block(nn.Module):
 
 def _block():
     torch.manual_seed(0)
-    model = _Block()
-    with torch.no_grad():
-        for bn in (model.bn1, model.bn2):
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
-    return model
+    return randomize_norms(_Block())
 
 
 def _fused(model):

@@ -13,7 +13,7 @@ from torch import nn
 import bnkernels
 from bnkernels.fold import is_batchnorm
 from bnkernels.replace import qualified_name
-from helpers import TOL, assert_onnx_export_matches, kernels_only
+from helpers import TOL, assert_onnx_export_matches, kernels_only, randomize_norms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import models  # noqa: E402
@@ -28,24 +28,6 @@ FOLD_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "ef
 # timm models built on BatchNormAct2d: SiLU (fused), ReLU (fused), Hardswish (not fused), ...
 TIMM_MODELS = ["efficientnet_b0", "mobilenetv3_small_050", "lcnet_050", "regnety_002",
                "cspresnet50", "densenet121"]
-
-
-def randomize_norms(model, seed=0):
-    """Random statistics and affine parameters (buffers too, for frozen BatchNorms), never
-    the defaults of mean 0, var 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if not is_batchnorm(m) or m.running_mean is None:
-                continue
-            c = m.running_mean.numel()
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            if m.weight is not None:
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-            if m.bias is not None:
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
-    return model
 
 
 def torchvision_model(name, **kwargs):
