@@ -17,6 +17,24 @@ if not torch.cuda.is_available():
     os.environ["BNKERNELS_CUDA_EMULATE"] = "1"
 os.environ.setdefault("BNKERNELS_BACKEND", "triton")
 
+
+def _share_the_cores_among_workers() -> None:
+    """Under pytest-xdist each worker gets cores / workers intra-op threads, and so do the
+    scripts the tests start (OMP_NUM_THREADS, inherited). torch's default is every core per
+    process: with two workers on CI's two cores, each worker's OpenMP threads spin waiting
+    for a core the other holds, and small CPU ops run many times slower (the paper
+    experiments took 176 s beside another worker, 15 s alone). A thread count set by the
+    user is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+_share_the_cores_among_workers()
+
 import pytest  # noqa: E402
 
 
