@@ -62,16 +62,23 @@ _LAUNCHES = {
 }
 
 
-def compile_kernels(arch: int) -> dict:
+# The translation unit that holds each dtype's kernels (csrc/ compiles one per element type).
+_UNITS = {"bfloat16": "kernels_bf16.cu", "float16": "kernels_f16.cu",
+          "float32": "kernels_f32.cu"}
+
+
+def compile_kernels(arch: int, dtypes) -> dict:
     """{demangled kernel name: its read (static_check._read, plus regs, spills, shared)}
-    of csrc/batch_norm.cu compiled by nvcc for sm_<arch>."""
+    of csrc/'s kernels for `dtypes` compiled by nvcc for sm_<arch>. Only their units are
+    compiled: each takes half a minute, and --quick reads one dtype."""
     from bnkernels.backends.cuda import build as cuda_build
     nvcc = cuda_build.find_nvcc()
     if nvcc is None:
         raise SystemExit("static_check_csrc.py needs nvcc")
     flags = [f for f in cuda_build.NVCC_FLAGS if f not in ("-Xcompiler", "-fPIC")]
     tool = static_check._cuobjdump()
-    units = [u for u in cuda_build.translation_units() if u.name.startswith("kernels_")]
+    wanted = {_UNITS[d] for d in dtypes}
+    units = [u for u in cuda_build.translation_units() if u.name in wanted]
 
     def read(unit):  # (its SASS, its resource usage)
         with tempfile.TemporaryDirectory() as tmp:
@@ -188,9 +195,9 @@ def _total(rows) -> dict:
 
 
 def run(arch: int, quick: bool) -> list:
-    reads = compile_kernels(arch)
     shapes, batches = (QUICK_SHAPES, [32]) if quick else (RESNET50_SHAPES, [32, 128])
     dtypes = ["bfloat16"] if quick else ["bfloat16", "float16", "float32"]
+    reads = compile_kernels(arch, dtypes)
     table = []
     for n in batches:
         for c, h, w in shapes:
