@@ -239,18 +239,25 @@ def bn_pair(dim, c, dtype, device, **kwargs):
     return ref, ours
 
 
+def onnx_export_and_run(model, x, path, dynamo=False):
+    """model exported to ONNX at path and run by onnxruntime on x: (the graph's op types,
+    its output)."""
+    import onnx
+    import onnxruntime as ort
+    torch.onnx.export(model, (x,), str(path), dynamo=dynamo)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return ops, torch.from_numpy(out)
+
+
 def assert_onnx_export_matches(folded, model, x, path, dynamo=False):
     """folded exported to ONNX (no BatchNormalization node left) and run in onnxruntime
     gives model(x)."""
-    import onnx
-    import onnxruntime as ort
-    torch.onnx.export(folded, (x,), str(path), dynamo=dynamo)
-    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    ops, out = onnx_export_and_run(folded, x, path, dynamo)
     assert "BatchNormalization" not in ops and "Conv" in ops
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
 
 
 class _InterpretedCompiled:

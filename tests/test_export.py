@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import bnkernels
-from helpers import BN_CLASSES, bn_pair, kernels_only, make_input, randomize_norms
+from helpers import (BN_CLASSES, bn_pair, kernels_only, make_input, onnx_export_and_run,
+                     randomize_norms)
 
 
 class _Block(nn.Module):
@@ -140,20 +141,17 @@ def test_export_records_torch_batch_norm(device, training, strict):
 def test_onnx_export_of_a_converted_model(dynamo, tmp_path):
     """A converted (not folded) model exports to ONNX and runs in onnxruntime."""
     pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     if dynamo:
         pytest.importorskip("onnxscript")
     ref = _block().eval()
     fused = _fused(ref).eval()
     x = torch.randn(2, 4, 6, 6)
-    path = str(tmp_path / "converted.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and advice warnings
-        torch.onnx.export(fused, (x,), path, dynamo=dynamo)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        _, out = onnx_export_and_run(fused, x, tmp_path / "converted.onnx", dynamo)
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(out), ref(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-4)
 
 
 def test_script_is_refused_clearly(device):
