@@ -9,6 +9,7 @@ backend (the parity suites use it).
 """
 import functools
 import os
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,23 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["BNKERNELS_CUDA_EMULATE"] = "1"
 os.environ.setdefault("BNKERNELS_BACKEND", "triton")
+
+
+def _usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 quota
+    ("<quota> <period>", or "max" for none). os.cpu_count() counts the host's cores, which
+    in a container can be many times the ones it gets."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def _share_the_cores_among_workers() -> None:
@@ -28,7 +46,7 @@ def _share_the_cores_among_workers() -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
         return
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, _usable_cores() // workers)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
