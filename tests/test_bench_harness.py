@@ -2,6 +2,7 @@
 tiny shapes; its timings mean nothing here)."""
 import csv
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -14,9 +15,22 @@ import bench_bn  # noqa: E402
 import report  # noqa: E402
 
 
-def test_smoke_run_writes_the_csv(tmp_path):
-    assert bench_bn.main(["--smoke", "--dtypes", "float32", "--out", str(tmp_path)]) == 0
-    with (tmp_path / "bn.csv").open() as f:
+@pytest.fixture(scope="module")
+def float32_smoke_run(tmp_path_factory):
+    """One `bench_bn.py --smoke --dtypes float32` run (every op, layout and provider), read
+    by the tests of its CSV and of the report made from it (they share an xdist group, so
+    it runs once)."""
+    out = tmp_path_factory.mktemp("smoke")
+    assert bench_bn.main(["--smoke", "--dtypes", "float32", "--out", str(out)]) == 0
+    return out
+
+
+_ON_THE_SMOKE_RUN = pytest.mark.xdist_group("float32_smoke_run")
+
+
+@_ON_THE_SMOKE_RUN
+def test_smoke_run_writes_the_csv(float32_smoke_run):
+    with (float32_smoke_run / "bn.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0].keys()) == bench_bn.COLUMNS
     assert rows[0]["op"] == "copy"
@@ -75,8 +89,9 @@ def test_compiling_first_in_worker_processes(tmp_path, capfd):
     assert [r["op"] for r in rows] == ["copy"] + ["fwd_train"] * 4
 
 
-def test_report_writes_the_table_and_targets(tmp_path):
-    bench_bn.main(["--smoke", "--dtypes", "float32", "--out", str(tmp_path)])
+@_ON_THE_SMOKE_RUN
+def test_report_writes_the_table_and_targets(float32_smoke_run, tmp_path):
+    shutil.copy(float32_smoke_run / "bn.csv", tmp_path / "bn.csv")  # (bn.md is written beside it)
     assert report.main([str(tmp_path / "bn.csv")]) == 0
     md = (tmp_path / "bn.md").read_text()
     assert "## fwd_train float32 nhwc" in md and "## Targets" in md and "geomean speedup" in md
@@ -87,9 +102,9 @@ def test_report_writes_the_table_and_targets(tmp_path):
     assert (tmp_path / "bn.png").stat().st_size > 0
 
 
-def test_report_puts_the_static_estimate_beside_the_measurement(tmp_path):
-    bench_bn.main(["--smoke", "--dtypes", "float32", "--out", str(tmp_path)])
-    rows = report.load_last_run(tmp_path / "bn.csv")
+@_ON_THE_SMOKE_RUN
+def test_report_puts_the_static_estimate_beside_the_measurement(float32_smoke_run):
+    rows = report.load_last_run(float32_smoke_run / "bn.csv")
     r = next(r for r in rows if r["op"] == "fwd_train" and r["layout"] == "nhwc")
     shape = tuple(int(r[k]) for k in ("N", "C", "H", "W"))
     md = report.markdown(rows, estimates={
@@ -130,11 +145,10 @@ def test_fused_ops_smoke(tmp_path):
     assert report.main([str(tmp_path / "bn.csv")]) == 0
 
 
-def test_launch_bench_smoke(tmp_path):
+def _assert_the_launch_table(path):
+    """bench_launch.py's launch.csv: every (op, provider) it measures, with host times."""
     import bench_launch
-
-    assert bench_launch.main(["--smoke", "--out", str(tmp_path)]) == 0
-    with (tmp_path / "launch.csv").open() as f:
+    with path.open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0].keys()) == bench_launch.COLUMNS
     seen = {(r["op"], r["provider"]) for r in rows}
@@ -168,6 +182,8 @@ def test_gpu_suite_stage_dry_run(stages, tmp_path):
         ran = [line for line in summary.splitlines() if line.startswith("rc ")]
         assert ran and all(re.match(r"rc 0 after \d+ s: ", line) for line in ran), summary
     assert "on an H100" in done.stdout and "elapsed" in done.stdout
+    if stages == "extras":  # its bench_launch.py --smoke: the launch bench's own smoke test
+        _assert_the_launch_table(tmp_path / "launch.csv")
 
 
 def test_gpu_suite_stops_a_command_at_its_stage_deadline(tmp_path, monkeypatch):

@@ -159,6 +159,34 @@ def test_cpu_tensors_need_the_emulation(device, monkeypatch):
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
+def test_processes_wanting_one_build_compile_it_once(monkeypatch, tmp_path):
+    """Two callers of build_cached at once (pytest's workers do it): the second waits on the
+    lock and takes the first's library instead of compiling it again beside it."""
+    import threading
+    import time
+    monkeypatch.setenv("BNKERNELS_CACHE_DIR", str(tmp_path))
+    compiled = []
+
+    def slow_compile(out, build, log=None):
+        compiled.append(out)
+        time.sleep(0.5)  # the other caller arrives meanwhile
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("")
+        out.write_bytes(b"lib")
+        return out
+
+    monkeypatch.setattr(cuda_build, "compile_to", slow_compile)
+    monkeypatch.setattr(cuda_build, "emulation_build", lambda: None)
+    got = []
+    callers = [threading.Thread(target=lambda: got.append(cuda_build.build_cached("emulate")))
+               for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(compiled) == 1 and got == [cuda_build.cached_path("emulate")] * 2
+
+
 def test_a_failed_build_is_a_clear_error(device, monkeypatch, tmp_path):
     if device != "cpu":
         pytest.skip("breaks the emulation build")
@@ -221,12 +249,15 @@ def test_setup_builds_for_sm80_sm90_and_ptx(tmp_path):
         assert target in command
 
 
-def test_the_build_command_runs(tmp_path):
-    """`python -m bnkernels.backends.cuda --emulate` builds into the cache and prints where."""
-    env = {"BNKERNELS_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+def test_the_build_command_runs():
+    """`python -m bnkernels.backends.cuda --emulate` in the checkout prints where the cached
+    build is (the suite's own, built by the first process to need it; test_wheel runs the
+    command where it has to build, from a wheel's sources)."""
+    env = {"BNKERNELS_CACHE_DIR": str(cuda_build.cache_dir()), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-m", "bnkernels.backends.cuda", "--emulate"],
                           capture_output=True, text=True, env=env,
                           cwd=str(cuda_build.CHECKOUT_CSRC.parent))
     assert done.returncode == 0, done.stderr
-    assert Path(done.stdout.strip()).is_file() and str(tmp_path) in done.stdout
+    assert done.stdout.strip() == str(cuda_build.cached_path("emulate"))
+    assert Path(done.stdout.strip()).is_file()
     assert not done.stderr  # (no runpy warning: the entry point is the package's __main__)

@@ -54,11 +54,14 @@ def fresh_venv(tmp_path_factory):
     return python, tmp
 
 
+def _wheel_env(tmp, **env):
+    return {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "BNKERNELS_CACHE_DIR": str(tmp / "cache"),
+            "BNKERNELS_NVCC": str(tmp / "no-nvcc"), **env}  # no nvcc, wherever the toolkit is
+
+
 def _python(fresh_venv, code, **env):
     python, tmp = fresh_venv
-    base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "BNKERNELS_CACHE_DIR": str(tmp / "cache"),
-            "BNKERNELS_NVCC": str(tmp / "no-nvcc")}  # no nvcc, wherever the toolkit is
-    return _run([str(python), "-c", textwrap.dedent(code)], env={**base, **env}, cwd=tmp)
+    return _run([str(python), "-c", textwrap.dedent(code)], env=_wheel_env(tmp, **env), cwd=tmp)
 
 
 def test_the_wheel_installs_and_runs_the_triton_kernels(fresh_venv):
@@ -93,14 +96,28 @@ def test_the_wheel_ships_csrc_and_says_how_to_build_without_nvcc(fresh_venv):
 
 @pytest.mark.skipif(cuda_build.cuda_include_dir() is None, reason="no CUDA headers")
 def test_the_wheel_builds_the_cuda_backend_from_its_own_sources(fresh_venv):
+    """The build command (`python -m bnkernels.backends.cuda --emulate`) compiles the shipped
+    sources into the cache, prints where, and warns of nothing; the kernels then run on it."""
+    python, tmp = fresh_venv
     include = cuda_build.cuda_include_dir()
+    done = subprocess.run([str(python), "-m", "bnkernels.backends.cuda", "--emulate"],
+                          capture_output=True, text=True, cwd=tmp,
+                          env=_wheel_env(tmp, CUDA_HOME=str(include.parent)))
+    assert done.returncode == 0, done.stderr
+    assert not done.stderr  # (no runpy warning: the entry point is the package's __main__)
+    built = Path(done.stdout.strip())
+    assert built.is_file() and built.is_relative_to(tmp / "cache"), built
+    assert (built.parent / "build.log").read_text() == ""  # -Wall -Wextra: no warning
     out = _python(fresh_venv, """
         import torch, bnkernels
         from bnkernels import backends
+        from bnkernels.backends.cuda import library
         x = torch.randn(4, 3, 5, 5)
         y = bnkernels.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
         ref = torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
         torch.testing.assert_close(y, ref)
         print(sum(backends.get("cuda").launch_counts().values()))
+        print(library.library_path(torch.device("cpu"), build=False))
     """, BNKERNELS_BACKEND="cuda", BNKERNELS_CUDA_EMULATE="1", CUDA_HOME=str(include.parent))
-    assert int(out.strip()) >= 1
+    launches, loaded = out.split()
+    assert int(launches) >= 1 and loaded == str(built)

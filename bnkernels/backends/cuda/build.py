@@ -15,7 +15,10 @@ process per core, then linked):
              run on the CPU, each block's threads as fibers. For the CPU test suite.
 
 A build is cached under BNKERNELS_CACHE_DIR (default ~/.cache/bnkernels) in a folder named
-after a digest of the sources, so an edit makes a new build and nothing stale is loaded.
+after a digest of the sources and the flags, so an edit makes a new build and nothing stale
+is loaded. Beside the library, build.log keeps what the compiler printed (the emulation
+build's -Wall -Wextra warnings: the test suite requires it to be empty). Processes that
+want the same build at once (pytest's workers) take turns: one compiles, the others load.
 
 This module imports neither torch nor bnkernels: setup.py loads it by path to build the
 library into the package (PREBUILT) when nvcc is present.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import os
@@ -44,8 +48,9 @@ PREBUILT = PACKAGE / "_lib" / LIB_NAME
 PREBUILT_DIGEST = PREBUILT.with_suffix(".digest")
 SETUP_ARCHS = ("80", "90")  # setup.py's build; sm_80 code also runs on sm_86/sm_89
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC")  # a unit's compile
-# (-O1: the emulation runs the tests' small tensors; -O2 took twice as long to build)
-HOST_FLAGS = ("-O1", "-std=c++17", "-fPIC", "-DBNK_EMULATE", "-x", "c++")
+# (-O1: the emulation runs the tests' small tensors; -O2 took twice as long to build.
+# -Wall -Wextra: the warnings land in build.log, which the tests require to be empty.)
+HOST_FLAGS = ("-O1", "-std=c++17", "-fPIC", "-DBNK_EMULATE", "-Wall", "-Wextra", "-x", "c++")
 
 
 class BuildError(RuntimeError):
@@ -62,13 +67,15 @@ def translation_units() -> List[Path]:
 
 @functools.lru_cache(maxsize=None)
 def source_digest() -> Optional[str]:
-    """A digest of csrc/, or None where the sources are not beside the package."""
+    """A digest of csrc/ and of the flags it compiles with, or None where the sources are
+    not beside the package."""
     files = sources()
     if not files:
         return None
     h = hashlib.sha256()
     for path in files:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(repr((NVCC_FLAGS, HOST_FLAGS)).encode())
     return h.hexdigest()[:16]
 
 
@@ -131,17 +138,18 @@ def host_compiler() -> str:
     return compiler
 
 
-def emulation_build(extra_flags: Sequence[str] = ()) -> Build:
+def emulation_build() -> Build:
     include = cuda_include_dir()
     if include is None:
         raise BuildError("the CUDA headers (cuda_fp16.h) were not found: set CUDA_HOME")
     cxx = host_compiler()
-    return Build(lambda unit, obj: [cxx, "-c", *HOST_FLAGS, *extra_flags, f"-I{include}", "-o",
-                                    str(obj), str(unit)],
+    return Build(lambda unit, obj: [cxx, "-c", *HOST_FLAGS, f"-I{include}", "-o", str(obj),
+                                    str(unit)],
                  lambda objs, out: [cxx, "-shared", "-o", str(out), *map(str, objs)])
 
 
-def _run(argv: List[str]) -> None:
+def _run(argv: List[str]) -> str:
+    """Runs a compile or link step; returns what it printed on stderr (its warnings)."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True)
     except OSError as error:  # the compiler named is not there
@@ -149,12 +157,13 @@ def _run(argv: List[str]) -> None:
     if done.returncode != 0:
         raise BuildError(f"{Path(argv[0]).name} failed ({done.returncode}):\n"
                          f"{(done.stderr or done.stdout)[-4000:]}")
+    return done.stderr
 
 
-def compile_to(out: Path, build: Build) -> Path:
+def compile_to(out: Path, build: Build, log: Optional[Path] = None) -> Path:
     """Compiles every translation unit (one process per core), links them into a
-    temporary path, then moves it to out in one step: concurrent builds (pytest workers)
-    never load a partial file."""
+    temporary path, then moves it to out in one step: concurrent builds never load a
+    partial file. log, where given, receives what the compiler and linker printed."""
     if source_digest() is None:
         raise BuildError(f"the csrc/ sources are not beside the package ({CSRC})")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,10 +171,13 @@ def compile_to(out: Path, build: Build) -> Path:
         units = translation_units()
         objects = [Path(tmp) / f"{unit.stem}.o" for unit in units]
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(pool.map(lambda pair: _run(build.compile(*pair)), zip(units, objects)))
+            printed = list(pool.map(lambda pair: _run(build.compile(*pair)),
+                                    zip(units, objects)))
         library = Path(tmp) / LIB_NAME
-        _run(build.link(objects, library))
+        printed.append(_run(build.link(objects, library)))
         os.chmod(library, 0o755)
+        if log is not None:
+            log.write_text("".join(printed))
         os.replace(library, out)
     return out
 
@@ -193,14 +205,36 @@ def prebuilt_is_current() -> bool:
     return PREBUILT_DIGEST.exists() and PREBUILT_DIGEST.read_text().strip() == digest
 
 
+def build_log(kind: str) -> Path:
+    """What the compiler printed while making cached_path(kind)."""
+    return cached_path(kind).with_name("build.log")
+
+
+@contextlib.contextmanager
+def _one_build_at_a_time(lock: Path):
+    """An exclusive lock on a file, across processes: pytest's workers (or a job's ranks)
+    that need the same build wait for the first one's instead of compiling it beside it,
+    each at half the speed. Without fcntl (not POSIX) they just build side by side."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def build_cached(kind: str) -> Path:
-    """The cached build for kind, compiled first if missing."""
+    """The cached build for kind, compiled first if missing (by one process at a time)."""
     path = cached_path(kind)
-    if not path.exists():
-        if kind == "emulate":
-            compile_to(path, emulation_build())
-        else:
-            compile_to(path, gpu_build([kind]))
+    if path.exists():
+        return path
+    with _one_build_at_a_time(path.parent.with_name(path.parent.name + ".lock")):
+        if not path.exists():  # (or another process built it while this one waited)
+            build = emulation_build() if kind == "emulate" else gpu_build([kind])
+            compile_to(path, build, log=build_log(kind))
     return path
 
 
