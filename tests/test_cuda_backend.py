@@ -159,9 +159,10 @@ def test_cpu_tensors_need_the_emulation(device, monkeypatch):
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
-def test_processes_wanting_one_build_compile_it_once(monkeypatch, tmp_path):
-    """Two callers of build_cached at once (pytest's workers do it): the second waits on the
-    lock and takes the first's library instead of compiling it again beside it."""
+def test_callers_wanting_one_build_compile_it_once(monkeypatch, tmp_path):
+    """Two callers of build_cached at once, as pytest's workers are (processes there;
+    threads here, each opening the lock file on its own, which flock treats the same): the
+    second waits on the lock and takes the first's library instead of compiling another."""
     import threading
     import time
     monkeypatch.setenv("BNKERNELS_CACHE_DIR", str(tmp_path))
