@@ -88,6 +88,10 @@ def _interpreter_rounds_bfloat16_like_a_gpu() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_rounds_bfloat16_like_a_gpu()
+    # work the interpreter throws away, skipped (interpreter_skips.py says what and why)
+    import interpreter_skips
+    INTERPRETER_SKIPS = (interpreter_skips.skip_dropped_overflow_checks(),
+                         interpreter_skips.patch_the_language_once_per_launch())
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 KERNEL_BACKENDS = ["triton", "cuda"]
