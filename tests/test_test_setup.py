@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import _usable_cores
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
 
 def test_usable_cores_is_capped_by_a_cgroup_quota(tmp_path):
     affinity = len(os.sched_getaffinity(0))
@@ -42,9 +44,8 @@ def _kernel_results():
     (NCHW, over many programs and a merge) with a residual and an activation: every
     tensor the calls return or update."""
     import bnkernels
-    from helpers import kernels_only, make_input, random_params
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import precision
+    from helpers import kernels_only, make_input, random_params
     results = []
     for dtype, fmt, plan in ((torch.float32, "channels_last", "default_plan"),
                              (torch.float16, "contiguous", "many_programs")):
