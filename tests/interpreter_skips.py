@@ -66,30 +66,30 @@ def patch_the_language_once_per_launch() -> bool:
         return True
     patch_lang = interpreter._patch_lang
     launch = interpreter.GridExecutor.__call__
-    # the modules patched in the launch in progress; None outside one, or before its patch
-    state = {"launching": False, "patched": None}
+    patched = None  # the modules patched in the launch in progress; None outside one
 
     def languages(fn) -> frozenset:  # what _patch_lang patches for fn, as it finds them
         return frozenset(id(v) for v in fn.__globals__.values()
                          if inspect.ismodule(v) and (v is tl or v is tl.core))
 
     def patch_once(fn):
+        nonlocal patched
         seen = languages(fn)
         # (a helper that sees no triton.language at all still fails as it did)
-        if seen and state["patched"] is not None and seen <= state["patched"]:
+        if seen and patched is not None and seen <= patched:
             return _NothingPatched()
         scope = patch_once.__wrapped__(fn)
-        if state["launching"]:  # the launch's own patch, or a helper's that saw more
-            state["patched"] = seen | (state["patched"] or frozenset())
+        if patched is not None:  # the launch's own patch, or a helper's that saw more
+            patched |= seen
         return scope
 
     def launch_patching_once(self, *args, **kwargs):
-        outer = dict(state)
-        state.update(launching=True, patched=None)
+        nonlocal patched
+        outer, patched = patched, frozenset()
         try:
             return launch(self, *args, **kwargs)
         finally:
-            state.update(outer)
+            patched = outer
 
     patch_once.once_per_launch = True
     patch_once.__wrapped__ = patch_lang
